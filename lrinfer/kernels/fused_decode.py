@@ -1,0 +1,326 @@
+"""Decode path (small M): y = (x V) Uᵀ [+ (x V2) U2ᵀ] + bias.
+
+Phase 1 (`_shrink_phase`): split-K over `in` and rank tiles; each work item computes a
+[BLOCK_M, BLOCK_K] slice of t = x [V|V2] and atomically adds it into an fp32 workspace.
+Phase 2 (`_expand_phase`): each work item computes a [BLOCK_M, BLOCK_N] tile of
+y = t [U|U2]ᵀ + bias, reading t from the workspace.
+
+`_fused_kernel` runs both phases in ONE persistent launch with an in-kernel grid barrier
+(grid <= number of SMs so every program is resident). `_shrink_kernel` + `_expand_kernel`
+are the two-launch form; it is the only one that runs under TRITON_INTERPRET=1, where
+programs run one after another and a grid barrier would hang.
+
+Workspace protocol (no host syncs, CUDA-graph safe, no memset launch):
+    ws   fp32 [2, CAP, KT]  two buffers, CAP = rows capacity, KT = k + k2
+    ctr  int32 [4]          [barrier arrivals, finish arrivals, epoch, unused]
+The buffer `epoch` is used by this call while every program zeroes its share of the other
+one (all zero on entry); the last program to finish resets the counters and flips `epoch`.
+"""
+from __future__ import annotations
+
+import torch
+import triton
+import triton.language as tl
+
+ZBLOCK = 1024  # elements each program zeroes per step
+
+
+@triton.jit
+def _shrink_tile(
+    x_ptr, v_ptr, ws_ptr,
+    M, IN, K_SEG, KT,
+    stride_xm, stride_xi, stride_vi, stride_vk,
+    mt, col0, ws_off, block0, n_blocks,
+    BLOCK_M: tl.constexpr, BLOCK_IN: tl.constexpr, BLOCK_K: tl.constexpr, IEEE: tl.constexpr,
+):
+    """ws[m tile, ws_off + col0 : +BLOCK_K] += x[m tile, in blocks] @ V[in blocks, col0 : +BLOCK_K]."""
+    offs_m = mt * BLOCK_M + tl.arange(0, BLOCK_M)
+    offs_k = col0 + tl.arange(0, BLOCK_K)
+    mask_m = offs_m < M
+    mask_k = offs_k < K_SEG
+    acc = tl.zeros((BLOCK_M, BLOCK_K), dtype=tl.float32)
+    for b in range(0, n_blocks):
+        offs_i = (block0 + b) * BLOCK_IN + tl.arange(0, BLOCK_IN)
+        mask_i = offs_i < IN
+        xt = tl.load(x_ptr + offs_m[:, None] * stride_xm + offs_i[None, :] * stride_xi,
+                     mask=mask_m[:, None] & mask_i[None, :], other=0.0)  # [BLOCK_M, BLOCK_IN]
+        vt = tl.load(v_ptr + offs_i[:, None] * stride_vi + offs_k[None, :] * stride_vk,
+                     mask=mask_i[:, None] & mask_k[None, :], other=0.0)  # [BLOCK_IN, BLOCK_K]
+        if IEEE:
+            acc = tl.dot(xt, vt, acc, input_precision="ieee")
+        else:
+            acc = tl.dot(xt, vt, acc)
+    tl.atomic_add(ws_ptr + offs_m[:, None] * KT + (ws_off + offs_k)[None, :], acc,
+                  mask=mask_m[:, None] & mask_k[None, :])
+
+
+@triton.jit
+def _shrink_phase(
+    # pointers
+    x_ptr, v_ptr, v2_ptr, ws_ptr, ws_next_ptr,
+    # sizes
+    M, IN, K1, K2, KT, ws_numel, n_k1_tiles, n_k_tiles, n_splits, blocks_per_split,
+    # strides
+    stride_xm, stride_xi, stride_vi, stride_vk, stride_v2i, stride_v2k,
+    # program id and count (persistent loop)
+    pid, n_prog,
+    # meta
+    BLOCK_M: tl.constexpr, BLOCK_IN: tl.constexpr, BLOCK_K: tl.constexpr,
+    ZBLOCK: tl.constexpr, IEEE: tl.constexpr,
+):
+    """t[M, KT] += x[M, IN] @ [V|V2][IN, KT] into ws (fp32); zero ws_next.
+
+    Work item = (m tile, rank tile, in split); rank tiles [0, n_k1_tiles) index V, the rest V2.
+    """
+    # zero our share of the other buffer for the next call
+    for z0 in range(pid * ZBLOCK, ws_numel, n_prog * ZBLOCK):
+        offs_z = z0 + tl.arange(0, ZBLOCK)
+        tl.store(ws_next_ptr + offs_z, tl.zeros((ZBLOCK,), dtype=tl.float32), mask=offs_z < ws_numel)
+
+    n_m_tiles = tl.cdiv(M, BLOCK_M)
+    n_items = n_m_tiles * n_k_tiles * n_splits
+    for item in range(pid, n_items, n_prog):
+        split = item % n_splits
+        kt = (item // n_splits) % n_k_tiles
+        mt = item // (n_splits * n_k_tiles)
+        if kt < n_k1_tiles:  # segment 1: V
+            _shrink_tile(x_ptr, v_ptr, ws_ptr, M, IN, K1, KT, stride_xm, stride_xi, stride_vi, stride_vk,
+                         mt, kt * BLOCK_K, 0, split * blocks_per_split, blocks_per_split,
+                         BLOCK_M, BLOCK_IN, BLOCK_K, IEEE)
+        else:  # segment 2: V2, stored after the K1 columns of t
+            _shrink_tile(x_ptr, v2_ptr, ws_ptr, M, IN, K2, KT, stride_xm, stride_xi, stride_v2i, stride_v2k,
+                         mt, (kt - n_k1_tiles) * BLOCK_K, K1, split * blocks_per_split, blocks_per_split,
+                         BLOCK_M, BLOCK_IN, BLOCK_K, IEEE)
+
+
+@triton.jit
+def _expand_phase(
+    # pointers
+    ws_ptr, u_ptr, u2_ptr, bias_ptr, y_ptr,
+    # sizes
+    M, OUT, K1, K2, KT,
+    # strides
+    stride_un, stride_uk, stride_u2n, stride_u2k, stride_ym, stride_yn,
+    # program id and count (persistent loop)
+    pid, n_prog,
+    # meta
+    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_R: tl.constexpr,
+    HAS_BIAS: tl.constexpr, HAS_RES: tl.constexpr, IEEE: tl.constexpr,
+):
+    """y[M, OUT] = t[:, :K1] @ U[OUT, K1]ᵀ (+ t[:, K1:] @ U2[OUT, K2]ᵀ) (+ bias), t = ws (fp32)."""
+    n_n_tiles = tl.cdiv(OUT, BLOCK_N)
+    n_items = tl.cdiv(M, BLOCK_M) * n_n_tiles
+    for item in range(pid, n_items, n_prog):
+        mt = item // n_n_tiles
+        nt = item % n_n_tiles
+        offs_m = mt * BLOCK_M + tl.arange(0, BLOCK_M)
+        offs_n = nt * BLOCK_N + tl.arange(0, BLOCK_N)
+        mask_m = offs_m < M
+        mask_n = offs_n < OUT
+        acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
+        for r0 in range(0, K1, BLOCK_R):
+            offs_r = r0 + tl.arange(0, BLOCK_R)
+            mask_r = offs_r < K1
+            # .cg: other programs' atomics live in L2, bypass L1
+            t = tl.load(ws_ptr + offs_m[:, None] * KT + offs_r[None, :],
+                        mask=mask_m[:, None] & mask_r[None, :], other=0.0, cache_modifier=".cg")
+            ut = tl.load(u_ptr + offs_r[:, None] * stride_uk + offs_n[None, :] * stride_un,
+                         mask=mask_r[:, None] & mask_n[None, :], other=0.0)  # [BLOCK_R, BLOCK_N]
+            if IEEE:
+                acc = tl.dot(t.to(ut.dtype), ut, acc, input_precision="ieee")
+            else:
+                acc = tl.dot(t.to(ut.dtype), ut, acc)
+        if HAS_RES:
+            for r0 in range(0, K2, BLOCK_R):
+                offs_r = r0 + tl.arange(0, BLOCK_R)
+                mask_r = offs_r < K2
+                t = tl.load(ws_ptr + offs_m[:, None] * KT + (K1 + offs_r)[None, :],
+                            mask=mask_m[:, None] & mask_r[None, :], other=0.0, cache_modifier=".cg")
+                ut = tl.load(u2_ptr + offs_r[:, None] * stride_u2k + offs_n[None, :] * stride_u2n,
+                             mask=mask_r[:, None] & mask_n[None, :], other=0.0)
+                if IEEE:
+                    acc = tl.dot(t.to(ut.dtype), ut, acc, input_precision="ieee")
+                else:
+                    acc = tl.dot(t.to(ut.dtype), ut, acc)
+        if HAS_BIAS:
+            acc += tl.load(bias_ptr + offs_n, mask=mask_n, other=0.0).to(tl.float32)[None, :]
+        tl.store(y_ptr + offs_m[:, None] * stride_ym + offs_n[None, :] * stride_yn,
+                 acc.to(y_ptr.dtype.element_ty), mask=mask_m[:, None] & mask_n[None, :])
+
+
+@triton.jit
+def _finish(ctr_ptr, n_prog):
+    """Arrive; the last program resets the counters and flips the epoch."""
+    old = tl.atomic_add(ctr_ptr + 1, 1)
+    if old == n_prog - 1:
+        tl.atomic_xchg(ctr_ptr + 0, 0)
+        tl.atomic_xchg(ctr_ptr + 1, 0)
+        e = tl.atomic_add(ctr_ptr + 2, 0)
+        tl.atomic_xchg(ctr_ptr + 2, 1 - e)
+
+
+@triton.jit
+def _shrink_kernel(
+    x_ptr, v_ptr, v2_ptr, ws_ptr, ctr_ptr,
+    M, IN, K1, K2, KT, ws_numel, n_k1_tiles, n_k_tiles, n_splits, blocks_per_split,
+    stride_xm, stride_xi, stride_vi, stride_vk, stride_v2i, stride_v2k,
+    BLOCK_M: tl.constexpr, BLOCK_IN: tl.constexpr, BLOCK_K: tl.constexpr,
+    ZBLOCK: tl.constexpr, IEEE: tl.constexpr,
+):
+    """Phase 1 alone. x [M, IN], V [IN, K1], V2 [IN, K2], ws fp32 [2, CAP, KT], ctr int32 [4]."""
+    pid = tl.program_id(0)
+    n_prog = tl.num_programs(0)
+    e = tl.load(ctr_ptr + 2)
+    _shrink_phase(x_ptr, v_ptr, v2_ptr, ws_ptr + e * ws_numel, ws_ptr + (1 - e) * ws_numel,
+                  M, IN, K1, K2, KT, ws_numel, n_k1_tiles, n_k_tiles, n_splits, blocks_per_split,
+                  stride_xm, stride_xi, stride_vi, stride_vk, stride_v2i, stride_v2k,
+                  pid, n_prog, BLOCK_M, BLOCK_IN, BLOCK_K, ZBLOCK, IEEE)
+
+
+@triton.jit
+def _expand_kernel(
+    ws_ptr, ctr_ptr, u_ptr, u2_ptr, bias_ptr, y_ptr,
+    M, OUT, K1, K2, KT, ws_numel,
+    stride_un, stride_uk, stride_u2n, stride_u2k, stride_ym, stride_yn,
+    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_R: tl.constexpr,
+    HAS_BIAS: tl.constexpr, HAS_RES: tl.constexpr, IEEE: tl.constexpr,
+):
+    """Phase 2 alone. U [OUT, K1], U2 [OUT, K2], bias [OUT], y [M, OUT]."""
+    pid = tl.program_id(0)
+    n_prog = tl.num_programs(0)
+    e = tl.load(ctr_ptr + 2)
+    _expand_phase(ws_ptr + e * ws_numel, u_ptr, u2_ptr, bias_ptr, y_ptr, M, OUT, K1, K2, KT,
+                  stride_un, stride_uk, stride_u2n, stride_u2k, stride_ym, stride_yn,
+                  pid, n_prog, BLOCK_M, BLOCK_N, BLOCK_R, HAS_BIAS, HAS_RES, IEEE)
+    tl.debug_barrier()
+    _finish(ctr_ptr, n_prog)
+
+
+@triton.jit
+def _fused_kernel(
+    x_ptr, v_ptr, v2_ptr, ws_ptr, ctr_ptr, u_ptr, u2_ptr, bias_ptr, y_ptr,
+    M, IN, OUT, K1, K2, KT, ws_numel, n_k1_tiles, n_k_tiles, n_splits, blocks_per_split,
+    stride_xm, stride_xi, stride_vi, stride_vk, stride_v2i, stride_v2k,
+    stride_un, stride_uk, stride_u2n, stride_u2k, stride_ym, stride_yn,
+    BLOCK_M: tl.constexpr, BLOCK_IN: tl.constexpr, BLOCK_K: tl.constexpr,
+    BLOCK_N: tl.constexpr, BLOCK_R: tl.constexpr, ZBLOCK: tl.constexpr,
+    HAS_BIAS: tl.constexpr, HAS_RES: tl.constexpr, IEEE: tl.constexpr,
+):
+    """Both phases in one persistent launch; grid must be <= #SMs (CUDA only, never interpreted)."""
+    pid = tl.program_id(0)
+    n_prog = tl.num_programs(0)
+    e = tl.load(ctr_ptr + 2)
+    ws_cur = ws_ptr + e * ws_numel
+    _shrink_phase(x_ptr, v_ptr, v2_ptr, ws_cur, ws_ptr + (1 - e) * ws_numel,
+                  M, IN, K1, K2, KT, ws_numel, n_k1_tiles, n_k_tiles, n_splits, blocks_per_split,
+                  stride_xm, stride_xi, stride_vi, stride_vk, stride_v2i, stride_v2k,
+                  pid, n_prog, BLOCK_M, BLOCK_IN, BLOCK_K, ZBLOCK, IEEE)
+    # grid barrier: all phase-1 atomics land before anyone reads t
+    tl.debug_barrier()
+    tl.atomic_add(ctr_ptr, 1, sem="release")
+    arrived = tl.atomic_add(ctr_ptr, 0, sem="acquire")
+    while arrived < n_prog:
+        arrived = tl.atomic_add(ctr_ptr, 0, sem="acquire")
+    tl.debug_barrier()
+    _expand_phase(ws_cur, u_ptr, u2_ptr, bias_ptr, y_ptr, M, OUT, K1, K2, KT,
+                  stride_un, stride_uk, stride_u2n, stride_u2k, stride_ym, stride_yn,
+                  pid, n_prog, BLOCK_M, BLOCK_N, BLOCK_R, HAS_BIAS, HAS_RES, IEEE)
+    tl.debug_barrier()
+    _finish(ctr_ptr, n_prog)
+
+
+# ----------------------------------------------------------------------------- launchers
+
+_WORKSPACES: dict = {}
+
+
+def _workspace(device: torch.device, cap: int, kt: int):
+    """Zeroed (ws fp32 [2, cap, kt], ctr int32 [4]) for this device/stream/shape.
+
+    Cached outside CUDA graph capture (kept zero-on-entry by the kernels themselves). During
+    capture a missing entry is allocated for this call only (a fixed-size allocation whose
+    zero-fill is recorded in the graph). Keyed by stream so concurrent streams never share one.
+    """
+    capturing = device.type == "cuda" and torch.cuda.is_current_stream_capturing()
+    stream = torch.cuda.current_stream(device).cuda_stream if device.type == "cuda" else 0
+    key = (device, stream, cap, kt)
+    hit = _WORKSPACES.get(key)
+    if hit is not None:
+        return hit
+    ws = torch.zeros((2, cap, kt), dtype=torch.float32, device=device)  # shape [2, CAP, KT]
+    ctr = torch.zeros(4, dtype=torch.int32, device=device)  # shape [4]
+    if not capturing:
+        _WORKSPACES[key] = (ws, ctr)
+    return ws, ctr
+
+
+def _check_blocks(cfg):
+    for name in ("BLOCK_M", "BLOCK_IN", "BLOCK_K", "BLOCK_N", "BLOCK_R"):
+        b = cfg[name]
+        if b < 16 or b & (b - 1):
+            raise ValueError(f"lowrank_linear decode config: {name}={b} must be a power of two >= 16")
+
+
+def lowrank_decode(x2, V, U, bias=None, V2=None, U2=None, *, cfg, fused=True, max_programs=None):
+    """y [M, out] for x2 [M, in] (any strides) with the decode kernels.
+
+    fused=True: one launch with a grid barrier (CUDA only). fused=False: shrink + expand launches.
+    max_programs caps the persistent grid (defaults to the SM count on CUDA).
+    """
+    _check_blocks(cfg)
+    if fused and x2.device.type != "cuda":
+        raise ValueError("lowrank_linear: the fused single-launch decode kernel needs a CUDA device")
+    M, IN = x2.shape
+    OUT, K1 = U.shape
+    K2 = 0 if V2 is None else V2.shape[1]
+    KT = K1 + K2
+    BM, BIN, BK = cfg["BLOCK_M"], cfg["BLOCK_IN"], cfg["BLOCK_K"]
+    BN, BR = cfg["BLOCK_N"], cfg["BLOCK_R"]
+    ieee = x2.dtype == torch.float32
+
+    # allocate
+    y = torch.empty((M, OUT), dtype=x2.dtype, device=x2.device)  # shape [M, out]
+    if M == 0:
+        return y
+    n_m_tiles = triton.cdiv(M, BM)
+    ws, ctr = _workspace(x2.device, n_m_tiles * BM, KT)  # shape [2, CAP, KT], [4]
+    ws_numel = ws[0].numel()
+    V2_, U2_ = (V, U) if V2 is None else (V2, U2)  # dummies when there is no residual pair
+
+    # grid: split `in` so phase 1 has about one work item per program
+    if max_programs is None:
+        max_programs = torch.cuda.get_device_properties(x2.device).multi_processor_count if x2.is_cuda else 8
+    n_k1_tiles = triton.cdiv(K1, BK)
+    n_k_tiles = n_k1_tiles + triton.cdiv(K2, BK)
+    n_in_blocks = triton.cdiv(IN, BIN)
+    n_splits = max(1, min(n_in_blocks, max_programs // (n_m_tiles * n_k_tiles)))
+    blocks_per_split = triton.cdiv(n_in_blocks, n_splits)
+    n_splits = triton.cdiv(n_in_blocks, blocks_per_split)
+    items1 = n_m_tiles * n_k_tiles * n_splits
+    items2 = n_m_tiles * triton.cdiv(OUT, BN)
+
+    shrink_args = (M, IN, K1, K2, KT, ws_numel, n_k1_tiles, n_k_tiles, n_splits, blocks_per_split,
+                   x2.stride(0), x2.stride(1), V.stride(0), V.stride(1), V2_.stride(0), V2_.stride(1))
+    expand_strides = (U.stride(0), U.stride(1), U2_.stride(0), U2_.stride(1), y.stride(0), y.stride(1))
+    bias_ = bias if bias is not None else y
+    nw = cfg["num_warps"]
+    if fused:
+        grid = (min(max_programs, max(items1, items2)),)
+        _fused_kernel[grid](
+            x2, V, V2_, ws, ctr, U, U2_, bias_, y,
+            M, IN, OUT, K1, K2, KT, ws_numel, n_k1_tiles, n_k_tiles, n_splits, blocks_per_split,
+            *shrink_args[10:], *expand_strides,
+            BLOCK_M=BM, BLOCK_IN=BIN, BLOCK_K=BK, BLOCK_N=BN, BLOCK_R=BR, ZBLOCK=ZBLOCK,
+            HAS_BIAS=bias is not None, HAS_RES=V2 is not None, IEEE=ieee, num_warps=nw,
+        )
+    else:
+        _shrink_kernel[(items1,)](
+            x2, V, V2_, ws, ctr, *shrink_args,
+            BLOCK_M=BM, BLOCK_IN=BIN, BLOCK_K=BK, ZBLOCK=ZBLOCK, IEEE=ieee, num_warps=nw,
+        )
+        _expand_kernel[(items2,)](
+            ws, ctr, U, U2_, bias_, y, M, OUT, K1, K2, KT, ws_numel, *expand_strides,
+            BLOCK_M=BM, BLOCK_N=BN, BLOCK_R=BR, HAS_BIAS=bias is not None, HAS_RES=V2 is not None,
+            IEEE=ieee, num_warps=nw,
+        )
+    return y

@@ -1,0 +1,125 @@
+"""Registration of the `lrinfer::lowrank_linear` custom op and its dispatch.
+
+CUDA + Triton: the kernel path chosen per M bucket by `configs.get_config`
+(fused single-launch decode, two-launch decode, Triton prefill GEMMs, or cuBLAS).
+Otherwise (CPU, no Triton): torch math in the input dtype.
+
+The op has a fake impl, so `torch.compile(fullgraph=True)` traces through it, and the CUDA
+path does no host syncs and no value-dependent allocation, so it can be captured in a CUDA graph.
+"""
+from __future__ import annotations
+
+import torch
+
+from . import configs
+
+_lib = torch.library.Library("lrinfer", "FRAGMENT")  # noqa: F841  (keeps the namespace alive)
+
+try:  # Triton is optional; the kernel modules import it at module level
+    from . import fused_decode, prefill
+
+    HAS_TRITON = True
+except Exception:  # pragma: no cover - depends on the install
+    fused_decode = prefill = None
+    HAS_TRITON = False
+
+_FLOAT_DTYPES = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
+
+
+def _validate(x, V, U, bias, V2, U2):
+    """Raise ValueError on shape/dtype/device mismatches (message names the offending tensor)."""
+    if (V2 is None) != (U2 is None):
+        raise ValueError("lowrank_linear: pass both V2 and U2 for the residual pair, or neither")
+    if x.dim() < 1:
+        raise ValueError("lowrank_linear: x must have at least 1 dimension [..., in]")
+    for name, t in (("V", V), ("U", U), ("V2", V2), ("U2", U2)):
+        if t is not None and t.dim() != 2:
+            raise ValueError(f"lowrank_linear: {name} must be 2-D, got shape {tuple(t.shape)}")
+    if V.shape[1] != U.shape[1]:
+        raise ValueError(f"lowrank_linear: V has {V.shape[1]} columns but U has {U.shape[1]}; "
+                         "V [in, k] and U [out, k] must share k")
+    if x.shape[-1] != V.shape[0]:
+        raise ValueError(f"lowrank_linear: x has {x.shape[-1]} features but V has {V.shape[0]} rows; "
+                         "x [..., in] needs V [in, k]")
+    if V2 is not None:
+        if V2.shape[1] != U2.shape[1]:
+            raise ValueError(f"lowrank_linear: V2 has {V2.shape[1]} columns but U2 has {U2.shape[1]}; "
+                             "V2 [in, k2] and U2 [out, k2] must share k2")
+        if V2.shape[0] != V.shape[0]:
+            raise ValueError(f"lowrank_linear: V2 has {V2.shape[0]} rows but V has {V.shape[0]}; both must be [in, *]")
+        if U2.shape[0] != U.shape[0]:
+            raise ValueError(f"lowrank_linear: U2 has {U2.shape[0]} rows but U has {U.shape[0]}; both must be [out, *]")
+    if bias is not None and (bias.dim() != 1 or bias.shape[0] != U.shape[0]):
+        raise ValueError(f"lowrank_linear: bias has shape {tuple(bias.shape)} but must be [out] = [{U.shape[0]}]")
+    if x.dtype not in _FLOAT_DTYPES:
+        raise ValueError(f"lowrank_linear: x has dtype {x.dtype}; expected a floating dtype")
+    for name, t in (("V", V), ("U", U), ("bias", bias), ("V2", V2), ("U2", U2)):
+        if t is None:
+            continue
+        if t.dtype != x.dtype:
+            raise ValueError(f"lowrank_linear: {name} has dtype {t.dtype} but x has {x.dtype}; all must match")
+        if t.device != x.device:
+            raise ValueError(f"lowrank_linear: {name} is on {t.device} but x is on {x.device}")
+
+
+def lowrank_linear_reference(x, V, U, bias=None, V2=None, U2=None):
+    """Torch math: y = (x V) Uᵀ [+ (x V2) U2ᵀ] + bias.  x [..., in], V [in, k], U [out, k]."""
+    y = (x @ V) @ U.t()
+    if V2 is not None:
+        y = y + (x @ V2) @ U2.t()
+    if bias is not None:
+        y = y + bias
+    return y
+
+
+def _use_triton(x) -> bool:
+    return HAS_TRITON and x.is_cuda and x.dtype != torch.float64
+
+
+def _triton_forward(x, V, U, bias, V2, U2):
+    """Kernel path for CUDA tensors; x [..., in] -> y [..., out]."""
+    lead = x.shape[:-1]
+    x2 = x.reshape(-1, x.shape[-1])  # shape [M, in]; a view when possible, any strides
+    M = x2.shape[0]
+    k_total = U.shape[1] + (0 if U2 is None else U2.shape[1])
+    dev = x.device.index if x.device.index is not None else torch.cuda.current_device()
+    cfg = configs.get_config(max(M, 1), V.shape[0], U.shape[0], k_total, configs.device_slug(dev))
+    method = cfg["method"]
+    if method == "torch":
+        y = lowrank_linear_reference(x2, V, U, bias, V2, U2)
+    elif method == "triton":
+        y = prefill.lowrank_prefill(x2, V, U, bias, V2, U2, cfg=cfg)
+    else:
+        y = fused_decode.lowrank_decode(x2, V, U, bias, V2, U2, cfg=cfg, fused=method == "fused",
+                                        max_programs=configs.num_sms(dev))
+    return y.reshape(*lead, U.shape[0])
+
+
+@torch.library.custom_op("lrinfer::lowrank_linear", mutates_args=())
+def _lowrank_linear_op(
+    x: torch.Tensor,
+    V: torch.Tensor,
+    U: torch.Tensor,
+    bias: torch.Tensor | None = None,
+    V2: torch.Tensor | None = None,
+    U2: torch.Tensor | None = None,
+) -> torch.Tensor:
+    if _use_triton(x):
+        return _triton_forward(x, V, U, bias, V2, U2)
+    return lowrank_linear_reference(x, V, U, bias, V2, U2).contiguous()
+
+
+@_lowrank_linear_op.register_fake
+def _(x, V, U, bias=None, V2=None, U2=None):
+    _validate(x, V, U, bias, V2, U2)
+    return x.new_empty((*x.shape[:-1], U.shape[0]))
+
+
+def lowrank_linear(x, V, U, bias=None, V2=None, U2=None):
+    """y = (x V) Uᵀ [+ (x V2) U2ᵀ] + bias through `torch.ops.lrinfer.lowrank_linear`.
+
+    x [..., in]; V [in, k]; U [out, k]; bias [out] or None; V2 [in, k2], U2 [out, k2] or None.
+    A residual pair may also be passed pre-concatenated: V = [V|V2], U = [U|U2].
+    """
+    _validate(x, V, U, bias, V2, U2)
+    return torch.ops.lrinfer.lowrank_linear(x, V, U, bias, V2, U2)
