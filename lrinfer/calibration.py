@@ -1,0 +1,219 @@
+"""Block-by-block calibration with two activation streams.
+
+The dense model's block inputs X and the compressed-so-far model's X̂ are carried side by side,
+one decoder block at a time (GPTQ / SVD-LLM style), so only one block needs to sit on the
+compute device. Forward hooks accumulate float64 per-linear statistics (`LinearStats`).
+"""
+from __future__ import annotations
+
+import contextlib
+from dataclasses import dataclass, field
+
+import torch
+from torch import nn
+
+from .nn import replace_module
+
+
+@dataclass
+class LinearStats:
+    """Second-order statistics of one linear's inputs over N calibration tokens (row convention,
+    X [N, in]). All sums, float64; solvers are invariant to their common scale."""
+    name: str
+    n: int = 0                              # tokens seen
+    gram: torch.Tensor | None = None        # Σ Xᵀ X        [in, in]  dense-model inputs
+    gram_hat: torch.Tensor | None = None    # Σ X̂ᵀ X̂      [in, in]  compressed-model inputs
+    cross: torch.Tensor | None = None       # Σ Xᵀ X̂       [in, in]
+    abs_sum: torch.Tensor | None = None     # Σ |X|         [in]
+    fisher: torch.Tensor | None = None      # Σ (∂L/∂W)²    [out, in]
+
+    def add(self, attr: str, value: torch.Tensor) -> None:
+        cur = getattr(self, attr)
+        setattr(self, attr, value if cur is None else cur.add_(value))
+
+
+@dataclass
+class BlockCall:
+    """How the model called one block: positional args after the hidden state, and kwargs."""
+    args: tuple
+    kwargs: dict
+
+
+def _first_tensor(out):
+    return out[0] if isinstance(out, (tuple, list)) else out
+
+
+@dataclass
+class TwoStreams:
+    """Per-batch hidden states entering the current block: `dense` (X) and `compressed` (X̂)."""
+    dense: list[torch.Tensor]
+    compressed: list[torch.Tensor]
+    calls: list[list[BlockCall]] = field(default_factory=list)   # [block][batch]
+
+
+@torch.no_grad()
+def capture_inputs(model: nn.Module, blocks: nn.ModuleList, input_ids: torch.Tensor, batch_size: int,
+                   device: torch.device) -> TwoStreams:
+    """Run the model with every block replaced by a pass-through that records its call.
+
+    input_ids [N, T] -> streams with dense == compressed == embeddings, batches of `batch_size`,
+    and each block's exact arguments (masks and position embeddings can differ per block).
+    """
+    calls: list[list[BlockCall]] = [[] for _ in blocks]
+    first: list[torch.Tensor] = []
+    saved = []
+
+    def passthrough(i):
+        def forward(hidden_states, *args, **kwargs):
+            kwargs = {k: v for k, v in kwargs.items() if k not in ("past_key_values", "past_key_value", "use_cache")}
+            calls[i].append(BlockCall(args, kwargs))
+            if i == 0:
+                first.append(hidden_states)
+            return hidden_states
+        return forward
+
+    for i, block in enumerate(blocks):
+        saved.append(block.forward)
+        block.forward = passthrough(i)
+    base = getattr(model, model.base_model_prefix, model)
+    try:
+        for ids in input_ids.split(batch_size):
+            base(input_ids=ids.to(device), use_cache=False)
+    finally:
+        for block, fwd in zip(blocks, saved):
+            block.forward = fwd
+    return TwoStreams(first, list(first), calls)
+
+
+def run_block(block: nn.Module, hidden: list[torch.Tensor], calls: list[BlockCall]) -> list[torch.Tensor]:
+    """The block's outputs for each batch."""
+    return [_first_tensor(block(h, *c.args, **c.kwargs)) for h, c in zip(hidden, calls)]
+
+
+@contextlib.contextmanager
+def swapped_in(block: nn.Module, modules: dict[str, nn.Module]):
+    """Temporarily put `modules` (names relative to `block`) back into the block."""
+    saved = {n: replace_module(block, n, m) for n, m in modules.items()}
+    try:
+        yield
+    finally:
+        for n, m in saved.items():
+            replace_module(block, n, m)
+
+
+@contextlib.contextmanager
+def input_hooks(modules: dict[str, nn.Module], fn):
+    """Call fn(name, x [tokens, in]) with each module's input while the context is open."""
+    handles = [m.register_forward_pre_hook(lambda mod, args, n=n: fn(n, args[0].reshape(-1, args[0].shape[-1])))
+               for n, m in modules.items()]
+    try:
+        yield
+    finally:
+        for h in handles:
+            h.remove()
+
+
+@torch.no_grad()
+def linear_stages(block: nn.Module, linears: dict[str, nn.Module], hidden: torch.Tensor,
+                  call: BlockCall) -> list[list[str]]:
+    """Group the block's linears into stages that read the same input tensor (q/k/v; o; gate/up; down),
+    in forward order, from one probing forward on the first sample."""
+    order: list[tuple[str, torch.Tensor]] = []
+    with input_hooks(linears, lambda n, x: order.append((n, x))):
+        run_block(block, [hidden[:1]], [BlockCall(call.args, _slice_kwargs(call.kwargs))])
+    stages: list[list[str]] = []
+    last = None
+    for name, x in order:
+        if name in (s for st in stages for s in st):
+            continue
+        if last is not None and x.data_ptr() == last.data_ptr() and x.shape == last.shape:
+            stages[-1].append(name)
+        else:
+            stages.append([name])
+        last = x
+    missing = [n for n in linears if n not in {s for st in stages for s in st}]
+    return stages + ([missing] if missing else [])
+
+
+def _slice_kwargs(kwargs: dict) -> dict:
+    """Block kwargs for the first sample of a batch (masks and per-sample tensors sliced)."""
+    def cut(v):
+        if isinstance(v, torch.Tensor) and v.dim() >= 2 and v.shape[0] > 1:
+            return v[:1]
+        if isinstance(v, tuple):
+            return tuple(cut(t) for t in v)
+        return v
+    return {k: cut(v) for k, v in kwargs.items()}
+
+
+@torch.no_grad()
+def collect_stats(block: nn.Module, stage: list[str], needs: frozenset, streams: TwoStreams,
+                  calls: list[BlockCall], dense_modules: dict[str, nn.Module],
+                  names: dict[str, str]) -> tuple[dict[str, LinearStats], list[torch.Tensor] | None]:
+    """Statistics of the linears in `stage` (names relative to `block`) over all batches.
+
+    `dense_modules` are this block's already-compressed linears in dense form, swapped in for the
+    dense stream. `names` maps relative to qualified names. Returns the stats and, when a dense
+    forward ran, the dense stream's block outputs.
+    """
+    stats = {n: LinearStats(names[n]) for n in stage}
+    modules = {n: block.get_submodule(n) for n in stage}
+    want_dense = bool(needs & {"gram", "abs_sum", "cross"}) or not needs
+    want_hat = bool(needs & {"gram_hat", "cross"})
+    dense_x: dict[str, torch.Tensor] = {}
+
+    def on_dense(n, x):
+        x = x.double()
+        s = stats[n]
+        s.n += x.shape[0]
+        if "gram" in needs:
+            s.add("gram", x.t() @ x)
+        if "abs_sum" in needs:
+            s.add("abs_sum", x.abs().sum(0))
+        if "cross" in needs:
+            dense_x[n] = x
+
+    def on_hat(n, x):
+        x = x.double()
+        s = stats[n]
+        if not want_dense:
+            s.n += x.shape[0]
+        if "gram_hat" in needs:
+            s.add("gram_hat", x.t() @ x)
+        if "cross" in needs:
+            s.add("cross", dense_x.pop(n).t() @ x)
+
+    dense_out = [] if want_dense else None
+    for b in range(len(calls)):
+        if want_dense:
+            with swapped_in(block, dense_modules), input_hooks(modules, on_dense):
+                dense_out.append(_first_tensor(block(streams.dense[b], *calls[b].args, **calls[b].kwargs)))
+        if want_hat:
+            with input_hooks(modules, on_hat):
+                block(streams.compressed[b], *calls[b].args, **calls[b].kwargs)
+    return stats, dense_out
+
+
+def fisher_information(model: nn.Module, names: list[str], input_ids: torch.Tensor,
+                       batch_size: int = 1) -> dict[str, torch.Tensor]:
+    """Σ over batches of (∂L/∂W)² [out, in] for each named linear (FWSVD), with L the LM loss."""
+    device = next(model.parameters()).device
+    params = {n: model.get_submodule(n).weight for n in names}
+    flags = {p: p.requires_grad for p in model.parameters()}
+    for p in model.parameters():
+        p.requires_grad_(False)
+    for p in params.values():
+        p.requires_grad_(True)
+    fisher = {n: torch.zeros(p.shape, dtype=torch.float64) for n, p in params.items()}
+    try:
+        for ids in input_ids.split(batch_size):
+            ids = ids.to(device)
+            model.zero_grad(set_to_none=True)
+            model(input_ids=ids, labels=ids, use_cache=False).loss.backward()
+            for n, p in params.items():
+                fisher[n] += p.grad.double().pow(2).cpu()
+    finally:
+        model.zero_grad(set_to_none=True)
+        for p, f in flags.items():
+            p.requires_grad_(f)
+    return fisher

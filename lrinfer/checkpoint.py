@@ -1,0 +1,280 @@
+"""Compressed checkpoints: safetensors + config.json (`quantization_config`) + tokenizer + manifest.
+
+Layout of a checkpoint directory:
+  model.safetensors   every tensor of the patched model (factors U, V[, U2, V2] for compressed linears)
+  config.json         the model config with a `quantization_config` block (method, ratio, ranks)
+  lrinfer.json        manifest: format version, ranks, tensor shapes/dtypes, sha256 of every file
+  tokenizer files, and report.json when written by `lrinfer compress`
+The directory appears atomically (written beside it, then renamed). Nothing is ever unpickled.
+"""
+from __future__ import annotations
+
+import contextlib
+import hashlib
+import json
+import os
+import shutil
+from pathlib import Path
+
+import torch
+from torch import nn
+
+from .errors import CheckpointError, LrinferError
+
+MANIFEST = "lrinfer.json"
+WEIGHTS = "model.safetensors"
+FORMAT_VERSION = 1
+QUANT_METHOD = "lrinfer"
+
+
+def sha256_file(path: Path) -> str:
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        for chunk in iter(lambda: f.read(1 << 20), b""):
+            h.update(chunk)
+    return h.hexdigest()
+
+
+def atomic_write_bytes(path: Path, data: bytes) -> None:
+    """Write `data` to `path` via a temporary file in the same directory, fsync, then rename."""
+    path = Path(path)
+    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
+    with open(tmp, "wb") as f:
+        f.write(data)
+        f.flush()
+        os.fsync(f.fileno())
+    os.replace(tmp, path)
+
+
+def _fsync_dir(path: Path) -> None:
+    with contextlib.suppress(OSError):
+        fd = os.open(path, os.O_RDONLY)
+        try:
+            os.fsync(fd)
+        finally:
+            os.close(fd)
+
+
+def is_checkpoint(path: Path) -> bool:
+    return (Path(path) / MANIFEST).is_file()
+
+
+def read_manifest(path: Path) -> dict:
+    path = Path(path)
+    try:
+        manifest = json.loads((path / MANIFEST).read_text())
+    except FileNotFoundError:
+        raise CheckpointError(f"{path}: not an lrinfer checkpoint ({MANIFEST} missing)") from None
+    except (json.JSONDecodeError, UnicodeDecodeError) as e:
+        raise CheckpointError(f"{path / MANIFEST}: not valid JSON ({e})") from None
+    if not isinstance(manifest, dict) or manifest.get("format") != QUANT_METHOD:
+        raise CheckpointError(f"{path / MANIFEST}: not an lrinfer manifest")
+    if manifest.get("format_version", 0) > FORMAT_VERSION:
+        raise CheckpointError(f"{path}: format version {manifest.get('format_version')} is newer than this "
+                              f"lrinfer supports ({FORMAT_VERSION}); upgrade lrinfer")
+    return manifest
+
+
+def _prepare_out_dir(out: Path, base_model: str, overwrite: bool) -> None:
+    if not out.exists():
+        return
+    if not out.is_dir():
+        raise LrinferError(f"--out {out} exists and is not a directory")
+    if not any(out.iterdir()) or overwrite:
+        return
+    if is_checkpoint(out):
+        try:
+            held = read_manifest(out).get("base_model")
+        except CheckpointError:
+            held = None
+        if held == base_model:
+            return
+        raise LrinferError(f"--out {out} already holds a compressed model of a different base ({held}); "
+                           "pass --overwrite to replace it, or choose another --out")
+    raise LrinferError(f"--out {out} is not empty and is not an lrinfer checkpoint; "
+                       "pass --overwrite to replace it, or choose another --out")
+
+
+def _unique_state_dict(model: nn.Module) -> tuple[dict[str, torch.Tensor], dict[str, str]]:
+    """The state dict without tied duplicates; returns (tensors, {alias: saved key})."""
+    seen: dict[tuple, str] = {}
+    tensors, aliases = {}, {}
+    for k, v in model.state_dict().items():
+        key = (v.device, v.untyped_storage().data_ptr(), v.storage_offset(), tuple(v.shape))
+        if key in seen:
+            aliases[k] = seen[key]
+        else:
+            seen[key] = k
+            tensors[k] = v.detach().contiguous()
+    return tensors, aliases
+
+
+def save_checkpoint(model: nn.Module, tokenizer, out: str | os.PathLike, quantization_config: dict,
+                    base_model: str, extra_files: dict[str, bytes] | None = None,
+                    overwrite: bool = False) -> Path:
+    """Write the patched `model` to `out` atomically. `quantization_config` holds at least
+    method, ratio and ranks {name: [rank, rank2]}. Returns the directory."""
+    from safetensors.torch import save_file
+
+    out = Path(out)
+    _prepare_out_dir(out, base_model, overwrite)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    tmp = out.parent / f".{out.name}.tmp-{os.getpid()}"
+    shutil.rmtree(tmp, ignore_errors=True)
+    tmp.mkdir()
+    try:
+        tensors, aliases = _unique_state_dict(model)
+        save_file({k: v.cpu() for k, v in tensors.items()}, str(tmp / WEIGHTS), metadata={"format": "pt"})
+        qc = {"quant_method": QUANT_METHOD, "format_version": FORMAT_VERSION, **quantization_config}
+        config = model.config.to_dict()
+        config["quantization_config"] = qc
+        (tmp / "config.json").write_text(json.dumps(config, indent=2, sort_keys=True, default=str))
+        if tokenizer is not None:
+            tokenizer.save_pretrained(str(tmp))
+        for name, data in (extra_files or {}).items():
+            (tmp / name).write_bytes(data)
+        files = {}
+        for p in sorted(tmp.iterdir()):
+            if p.is_file():
+                with open(p, "rb") as f:
+                    os.fsync(f.fileno())
+                files[p.name] = {"sha256": sha256_file(p), "bytes": p.stat().st_size}
+        manifest = {
+            "format": QUANT_METHOD, "format_version": FORMAT_VERSION, "base_model": base_model,
+            "method": qc.get("method"), "ratio": qc.get("ratio"), "ranks": qc.get("ranks", {}),
+            "tensors": {k: {"shape": list(v.shape), "dtype": str(v.dtype).removeprefix("torch.")}
+                        for k, v in tensors.items()},
+            "aliases": aliases, "files": files,
+        }
+        atomic_write_bytes(tmp / MANIFEST, json.dumps(manifest, indent=2, sort_keys=True).encode())
+        _fsync_dir(tmp)
+        old = out.parent / f".{out.name}.old-{os.getpid()}"
+        if out.exists():
+            os.replace(out, old)
+        os.replace(tmp, out)
+        _fsync_dir(out.parent)
+        shutil.rmtree(old, ignore_errors=True)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    return out
+
+
+def verify_files(path: Path, manifest: dict) -> None:
+    """Check every file listed in the manifest against its size and sha256."""
+    for name, meta in manifest.get("files", {}).items():
+        p = path / name
+        if not p.is_file():
+            raise CheckpointError(f"{p}: missing (listed in {MANIFEST})")
+        if p.stat().st_size != meta.get("bytes"):
+            raise CheckpointError(f"{p}: {p.stat().st_size} bytes, the manifest says {meta.get('bytes')} "
+                                  "(truncated or modified); re-create the checkpoint")
+        if sha256_file(p) != meta.get("sha256"):
+            raise CheckpointError(f"{p}: checksum mismatch (the file is corrupt or was modified); "
+                                  "re-create or re-download the checkpoint")
+
+
+@contextlib.contextmanager
+def params_on_meta():
+    """Create every nn.Parameter on the meta device (buffers stay real), so building a model
+    never fills dense weights."""
+    register = nn.Module.register_parameter
+
+    def on_meta(self, name, param):
+        if param is not None and param.device.type != "meta":
+            param = nn.Parameter(param.to("meta"), requires_grad=param.requires_grad)
+        register(self, name, param)
+
+    nn.Module.register_parameter = on_meta
+    try:
+        yield
+    finally:
+        nn.Module.register_parameter = register
+
+
+def load_checkpoint(path: str | os.PathLike, device: str = "cpu", dtype: torch.dtype | None = None,
+                    verify: bool = True):
+    """Rebuild the patched model from a checkpoint directory. Returns (model, tokenizer).
+
+    The dense weights of compressed layers are never allocated: the skeleton is built with
+    parameters on the meta device, compressed linears are swapped for `LowRankLinear` there,
+    and tensors are assigned from safetensors.
+    """
+    from safetensors import SafetensorError
+    from safetensors.torch import load_file
+    from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
+
+    from .nn import LowRankLinear, replace_module
+
+    path = Path(path)
+    if not path.is_dir():
+        raise CheckpointError(f"checkpoint directory not found: {path}")
+    manifest = read_manifest(path)
+    if verify:
+        verify_files(path, manifest)
+    try:
+        config_dict = json.loads((path / "config.json").read_text())
+    except (OSError, json.JSONDecodeError) as e:
+        raise CheckpointError(f"{path / 'config.json'}: unreadable ({e})") from None
+    qc = config_dict.get("quantization_config") or {}
+    if qc.get("quant_method") != QUANT_METHOD or qc.get("ranks") != manifest.get("ranks"):
+        raise CheckpointError(f"{path}: config.json's quantization_config does not match {MANIFEST} "
+                              "(method or ranks differ); the checkpoint was edited or mixed")
+    config = AutoConfig.from_pretrained(str(path))
+    if hasattr(config, "quantization_config"):
+        del config.quantization_config
+    with params_on_meta():
+        model = AutoModelForCausalLM.from_config(config)
+    ranks = manifest["ranks"]
+    for name, rk in ranks.items():
+        try:
+            old = model.get_submodule(name)
+        except AttributeError:
+            raise CheckpointError(f"{path}: ranks name '{name}', which this {config.model_type} model lacks") from None
+        if not isinstance(old, nn.Linear):
+            raise CheckpointError(f"{path}: '{name}' is not a linear layer")
+        r1, r2 = (list(rk) + [0])[:2] if isinstance(rk, (list, tuple)) else (rk, 0)
+        full = min(old.in_features, old.out_features)
+        if not (isinstance(r1, int) and isinstance(r2, int) and 1 <= r1 and 0 <= r2 and r1 + r2 <= full):
+            raise CheckpointError(f"{path}: rank {rk} of '{name}' is out of range for a "
+                                  f"[{old.out_features}, {old.in_features}] layer (1 <= rank <= {full})")
+        replace_module(model, name, LowRankLinear(old.in_features, old.out_features, r1, r2,
+                                                  old.bias is not None, device="meta"))
+    try:
+        tensors = load_file(str(path / WEIGHTS))
+    except (SafetensorError, OSError, ValueError) as e:
+        raise CheckpointError(f"{path / WEIGHTS}: not a valid safetensors file ({e}); "
+                              "pickled checkpoints are never loaded") from None
+    _check_tensors(path, model, tensors, manifest)
+    model.load_state_dict(tensors, strict=False, assign=True)
+    model.tie_weights()
+    if dtype is not None:
+        model.to(dtype)
+    model.to(device).eval()
+    tok = AutoTokenizer.from_pretrained(str(path)) if (path / "tokenizer_config.json").is_file() else None
+    return model, tok
+
+
+def _check_tensors(path: Path, model: nn.Module, tensors: dict, manifest: dict) -> None:
+    aliases = manifest.get("aliases", {})
+    expected = {k: v for k, v in model.state_dict(keep_vars=True).items() if k not in aliases}
+    missing = sorted(set(expected) - set(tensors))
+    unknown = sorted(set(tensors) - set(expected))
+    where = path / WEIGHTS
+    if missing:
+        raise CheckpointError(f"{where}: missing tensor(s) {missing[:5]}{' ...' if len(missing) > 5 else ''}")
+    if unknown:
+        raise CheckpointError(f"{where}: unknown tensor(s) {unknown[:5]}{' ...' if len(unknown) > 5 else ''}")
+    declared = manifest.get("tensors", {})
+    for k, t in tensors.items():
+        want = expected[k]
+        if tuple(t.shape) != tuple(want.shape):
+            raise CheckpointError(f"{where}: '{k}' has shape {list(t.shape)}, the model needs {list(want.shape)}")
+        d = declared.get(k)
+        if d is None or d.get("shape") != list(t.shape) or d.get("dtype") != str(t.dtype).removeprefix("torch."):
+            raise CheckpointError(f"{where}: '{k}' ({t.dtype}, {list(t.shape)}) does not match "
+                                  f"{MANIFEST} ({d})")
+        if not t.is_floating_point():
+            continue
+        if k.rsplit(".", 1)[-1] in ("U", "V", "U2", "V2") and not torch.isfinite(t).all():
+            raise CheckpointError(f"{where}: '{k}' holds NaN/Inf")

@@ -1,0 +1,118 @@
+"""`LowRankLinear` and module swapping (`patch` / `unpatch`)."""
+from __future__ import annotations
+
+from typing import Mapping
+
+import torch
+from torch import nn
+
+from .factors import FactorPair
+from .kernels import lowrank_linear
+
+
+class LowRankLinear(nn.Module):
+    """Drop-in for `nn.Linear`: y = (x V) Uᵀ [+ (x V2) U2ᵀ] + bias.
+
+    V [in, k], U [out, k]; the optional residual pair V2 [in, k2], U2 [out, k2] (ResSVD).
+    The forward is one call of `torch.ops.lrinfer.lowrank_linear` (Triton on CUDA, torch elsewhere).
+    """
+
+    def __init__(self, in_features: int, out_features: int, rank: int, rank2: int = 0,
+                 bias: bool = False, device=None, dtype=None):
+        super().__init__()
+        kw = {"device": device, "dtype": dtype}
+        self.in_features, self.out_features = in_features, out_features
+        self.V = nn.Parameter(torch.empty(in_features, rank, **kw))
+        self.U = nn.Parameter(torch.empty(out_features, rank, **kw))
+        if rank2:
+            self.V2 = nn.Parameter(torch.empty(in_features, rank2, **kw))
+            self.U2 = nn.Parameter(torch.empty(out_features, rank2, **kw))
+        else:
+            self.register_parameter("V2", None)
+            self.register_parameter("U2", None)
+        self.bias = nn.Parameter(torch.empty(out_features, **kw)) if bias else None
+
+    @property
+    def rank(self) -> int:
+        return self.V.shape[1]
+
+    @property
+    def rank2(self) -> int:
+        return 0 if self.V2 is None else self.V2.shape[1]
+
+    @classmethod
+    def from_factors(cls, pair: FactorPair, bias: torch.Tensor | None = None,
+                     dtype: torch.dtype | None = None) -> "LowRankLinear":
+        """Build from a `FactorPair`; `bias` [out] is copied from the dense layer."""
+        dtype = dtype or pair.U.dtype
+        m = cls(pair.V.shape[0], pair.U.shape[0], pair.rank, pair.rank2, bias is not None,
+                device=pair.U.device, dtype=dtype)
+        with torch.no_grad():
+            m.V.copy_(pair.V)
+            m.U.copy_(pair.U)
+            if pair.rank2:
+                m.V2.copy_(pair.V2)
+                m.U2.copy_(pair.U2)
+            if bias is not None:
+                m.bias.copy_(bias)
+        return m
+
+    def factors(self) -> FactorPair:
+        return FactorPair(self.U.data, self.V.data,
+                          None if self.U2 is None else self.U2.data,
+                          None if self.V2 is None else self.V2.data)
+
+    def dense_weight(self) -> torch.Tensor:
+        """W = U Vᵀ [+ U2 V2ᵀ], [out, in]."""
+        return self.factors().dense()
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return lowrank_linear(x, self.V, self.U, self.bias, self.V2, self.U2)
+
+    def extra_repr(self) -> str:
+        r2 = f", rank2={self.rank2}" if self.rank2 else ""
+        return (f"in_features={self.in_features}, out_features={self.out_features}, "
+                f"rank={self.rank}{r2}, bias={self.bias is not None}")
+
+
+def _parent(model: nn.Module, name: str) -> tuple[nn.Module, str]:
+    parent_name, _, child = name.rpartition(".")
+    return (model.get_submodule(parent_name) if parent_name else model), child
+
+
+def replace_module(model: nn.Module, name: str, new: nn.Module) -> nn.Module:
+    """Set `model.<name>` to `new`; returns the module it replaced."""
+    parent, child = _parent(model, name)
+    old = getattr(parent, child)
+    setattr(parent, child, new)
+    return old
+
+
+def patch(model: nn.Module, factors: Mapping[str, FactorPair], dtype: torch.dtype | None = None
+          ) -> dict[str, nn.Linear]:
+    """Replace each `nn.Linear` named in `factors` by a `LowRankLinear`, in place.
+
+    Returns the replaced dense modules, which `unpatch` puts back.
+    """
+    replaced = {}
+    for name, pair in factors.items():
+        old = model.get_submodule(name)
+        if not isinstance(old, nn.Linear):
+            raise TypeError(f"patch: {name} is a {type(old).__name__}, not an nn.Linear")
+        if pair.U.shape[0] != old.out_features or pair.V.shape[0] != old.in_features:
+            raise ValueError(f"patch: factors for {name} are for [{pair.U.shape[0]}, {pair.V.shape[0]}] "
+                             f"but the layer is [{old.out_features}, {old.in_features}]")
+        new = LowRankLinear.from_factors(pair.to(old.weight.device), old.bias, dtype or old.weight.dtype)
+        replaced[name] = replace_module(model, name, new)
+    return replaced
+
+
+def unpatch(model: nn.Module, replaced: Mapping[str, nn.Module]) -> None:
+    """Put back the modules that `patch` returned."""
+    for name, module in replaced.items():
+        replace_module(model, name, module)
+
+
+def lowrank_modules(model: nn.Module) -> dict[str, LowRankLinear]:
+    """All `LowRankLinear` modules of `model`, by qualified name."""
+    return {n: m for n, m in model.named_modules() if isinstance(m, LowRankLinear)}
