@@ -15,6 +15,9 @@ Workspace protocol (no host syncs, CUDA-graph safe, no memset launch):
     ctr  int32 [4]          [barrier arrivals, finish arrivals, epoch, unused]
 The buffer `epoch` is used by this call while every program zeroes its share of the other
 one (all zero on entry); the last program to finish resets the counters and flips `epoch`.
+Kernels use only builtins of triton.language (no tl.cdiv / tl.zeros, which are themselves
+@triton.jit library functions), so a copy of this module imported with TRITON_INTERPRET=1
+runs in the interpreter even when triton was imported without it (see tests/kernels/conftest.py).
 """
 from __future__ import annotations
 
@@ -38,7 +41,7 @@ def _shrink_tile(
     offs_k = col0 + tl.arange(0, BLOCK_K)
     mask_m = offs_m < M
     mask_k = offs_k < K_SEG
-    acc = tl.zeros((BLOCK_M, BLOCK_K), dtype=tl.float32)
+    acc = tl.full((BLOCK_M, BLOCK_K), 0.0, tl.float32)
     for b in range(0, n_blocks):
         offs_i = (block0 + b) * BLOCK_IN + tl.arange(0, BLOCK_IN)
         mask_i = offs_i < IN
@@ -75,9 +78,9 @@ def _shrink_phase(
     # zero our share of the other buffer for the next call
     for z0 in range(pid * ZBLOCK, ws_numel, n_prog * ZBLOCK):
         offs_z = z0 + tl.arange(0, ZBLOCK)
-        tl.store(ws_next_ptr + offs_z, tl.zeros((ZBLOCK,), dtype=tl.float32), mask=offs_z < ws_numel)
+        tl.store(ws_next_ptr + offs_z, tl.full((ZBLOCK,), 0.0, tl.float32), mask=offs_z < ws_numel)
 
-    n_m_tiles = tl.cdiv(M, BLOCK_M)
+    n_m_tiles = (M + BLOCK_M - 1) // BLOCK_M
     n_items = n_m_tiles * n_k_tiles * n_splits
     for item in range(pid, n_items, n_prog):
         split = item % n_splits
@@ -108,8 +111,8 @@ def _expand_phase(
     HAS_BIAS: tl.constexpr, HAS_RES: tl.constexpr, IEEE: tl.constexpr,
 ):
     """y[M, OUT] = t[:, :K1] @ U[OUT, K1]ᵀ (+ t[:, K1:] @ U2[OUT, K2]ᵀ) (+ bias), t = ws (fp32)."""
-    n_n_tiles = tl.cdiv(OUT, BLOCK_N)
-    n_items = tl.cdiv(M, BLOCK_M) * n_n_tiles
+    n_n_tiles = (OUT + BLOCK_N - 1) // BLOCK_N
+    n_items = (M + BLOCK_M - 1) // BLOCK_M * n_n_tiles
     for item in range(pid, n_items, n_prog):
         mt = item // n_n_tiles
         nt = item % n_n_tiles
@@ -117,7 +120,7 @@ def _expand_phase(
         offs_n = nt * BLOCK_N + tl.arange(0, BLOCK_N)
         mask_m = offs_m < M
         mask_n = offs_n < OUT
-        acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
+        acc = tl.full((BLOCK_M, BLOCK_N), 0.0, tl.float32)
         for r0 in range(0, K1, BLOCK_R):
             offs_r = r0 + tl.arange(0, BLOCK_R)
             mask_r = offs_r < K1

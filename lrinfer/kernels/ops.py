@@ -115,6 +115,40 @@ def _(x, V, U, bias=None, V2=None, U2=None):
     return x.new_empty((*x.shape[:-1], U.shape[0]))
 
 
+def _setup_context(ctx, inputs, output):
+    x, V, U, bias, V2, U2 = inputs
+    ctx.has_bias = bias is not None
+    ctx.save_for_backward(x, V, U, V2, U2)
+
+
+def _backward(ctx, g):
+    """Gradients of y = (x V) Uᵀ [+ (x V2) U2ᵀ] + bias, in torch math."""
+    x, V, U, V2, U2 = ctx.saved_tensors
+    need = ctx.needs_input_grad
+    g2 = g.reshape(-1, g.shape[-1])  # shape [M, out]
+    x2 = x.reshape(-1, x.shape[-1])  # shape [M, in]
+    grads = [None] * 6
+    for i, (Vi, Ui) in ((1, (V, U)), (4, (V2, U2))):
+        if Vi is None:
+            continue
+        gt = g2 @ Ui  # shape [M, k]
+        if need[0]:
+            gx = gt @ Vi.t()
+            grads[0] = gx if grads[0] is None else grads[0] + gx
+        if need[i]:
+            grads[i] = x2.t() @ gt
+        if need[i + 1]:
+            grads[i + 1] = g2.t() @ (x2 @ Vi)
+    if grads[0] is not None:
+        grads[0] = grads[0].reshape(x.shape)
+    if ctx.has_bias and need[3]:
+        grads[3] = g2.sum(0)
+    return tuple(grads)
+
+
+_lowrank_linear_op.register_autograd(_backward, setup_context=_setup_context)
+
+
 def lowrank_linear(x, V, U, bias=None, V2=None, U2=None):
     """y = (x V) Uᵀ [+ (x V2) U2ᵀ] + bias through `torch.ops.lrinfer.lowrank_linear`.
 

@@ -6,6 +6,9 @@ expand: y = t[:, :k] Uᵀ + t[:, k:] U2ᵀ + bias   (bias and residual fused in 
 One kernel, `_mm_kernel`, computes C = A B (+ A2 B2) (+ bias) with grouped tile ordering
 (as in the Triton matmul tutorial); all operands are addressed through strides, so Uᵀ and
 column slices of t are views, never copies.
+Kernels use only builtins of triton.language (no tl.cdiv / tl.zeros, which are themselves
+@triton.jit library functions), so a copy of this module imported with TRITON_INTERPRET=1
+runs in the interpreter even when triton was imported without it (see tests/kernels/conftest.py).
 """
 from __future__ import annotations
 
@@ -54,8 +57,8 @@ def _mm_kernel(
 ):
     """C[M, N] = A[M, K] @ B[K, N] (+ A2[M, K2] @ B2[K2, N]) (+ bias[N]); fp32 accumulate."""
     pid = tl.program_id(0)
-    n_pid_m = tl.cdiv(M, BLOCK_M)
-    n_pid_n = tl.cdiv(N, BLOCK_N)
+    n_pid_m = (M + BLOCK_M - 1) // BLOCK_M
+    n_pid_n = (N + BLOCK_N - 1) // BLOCK_N
     # grouped ordering: GROUP_M row tiles share B tiles in L2
     n_in_group = GROUP_M * n_pid_n
     group_id = pid // n_in_group
@@ -66,7 +69,7 @@ def _mm_kernel(
 
     offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
     offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
-    acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
+    acc = tl.full((BLOCK_M, BLOCK_N), 0.0, tl.float32)
     acc = _mm_accumulate(acc, a_ptr, b_ptr, M, N, K, stride_am, stride_ak, stride_bk, stride_bn,
                          offs_m, offs_n, BLOCK_K, IEEE)
     if HAS_RES:
