@@ -1,0 +1,120 @@
+"""ResSVD / ERC-SVD (arXiv 2505.20112): residual compensation (REC) and partial-layer compression (PLC).
+
+REC, per weight W [m=out, n=in] with total rank r (METHODS.md §1.2):
+
+    α = mn/(m+n),  r2 = round(β·α) (β = 0.05),  r1 = r − r2  (r2 clamped so that r1 ≥ 1)
+    W1 = Trunc_A(W, r1),  R = W − W1,  W2 = Trunc_B(R, r2),  Ŵ = W1 + W2
+
+returned as FactorPair(U, V, U2, V2) with U Vᵀ = W1 and U2 V2ᵀ = W2 (r1 + r2 = r, so the same
+parameters as one rank-r pair). Trunc is either SVD-LLM's whitened truncation [· L]_k L⁻¹
+(L Lᵀ = XᵀX of the dense-model inputs) or the plain SVD, chosen by `mode`:
+
+* ``whiten_then_plain`` (default): stage 1 whitened, stage 2 plain SVD of the residual.
+* ``same_metric``: both stages whitened. By Eckart–Young the top-r2 part of R·L is the next r2
+  singular triplets of W·L, so this is exactly SVD-LLM at rank r (kept as a check / ablation).
+* ``plain_then_plain``: both plain; exactly plain SVD at rank r.
+* ``plain_then_whiten``: stage 1 plain, stage 2 whitened.
+
+Why ``whiten_then_plain`` is the default: with one metric in both stages REC *is* a single
+rank-r truncation (METHODS.md §1.4), so the only reading in which REC can change anything is a
+metric mismatch between the stages. The paper whitens with calibration data (SVD-LLM style) and
+describes the residual step as plain "SVDTrunc(R)"; whitening the main stage and compensating
+in weight space is the most literal reading. It is slightly worse than SVD-LLM on the whitened
+objective (Eckart–Young) but keeps weight-space energy that whitening drops. No public source
+settles this (METHODS.md §9.1).
+
+PLC is the selection ``"last"`` registered here: only the last k decoder blocks are compressed,
+each at R_l = ratio·(all params)/(selected params) (= N·ratio/k for identical blocks).
+"""
+from __future__ import annotations
+
+import torch
+
+from ..allocation import check_ratio, ratio_within, register_selection
+from ..errors import LrinferError
+from ..factors import FactorPair
+from . import register_solver, split_sigma, truncated_svd
+from .linalg import whitener
+
+MODES = ("whiten_then_plain", "same_metric", "plain_then_plain", "plain_then_whiten")
+
+
+def residual_rank(out_features: int, in_features: int, rank: int, beta: float) -> int:
+    """r2 = round(β·mn/(m+n)), clamped to [0, rank − 1] so the main pair keeps rank ≥ 1."""
+    alpha = out_features * in_features / (out_features + in_features)
+    return max(0, min(int(round(beta * alpha)), rank - 1))
+
+
+def _truncate(A: torch.Tensor, rank: int, L: torch.Tensor | None, Linv: torch.Tensor | None
+              ) -> tuple[torch.Tensor, torch.Tensor]:
+    """Best rank-`rank` (U [out, k], V [in, k]) of A [out, in]; under ‖· L‖_F when L is given."""
+    if L is None:
+        return split_sigma(*truncated_svd(A, rank))
+    U, V = split_sigma(*truncated_svd(A @ L, rank))
+    return U, Linv.t() @ V
+
+
+@register_solver("ressvd", needs=("gram",), selection="last",
+                 summary="ResSVD: whitened truncation + rank-β·α residual compensation; last-k-layer PLC")
+def solve(W: torch.Tensor, stats, rank: int, *, beta: float = 0.05, mode: str = "whiten_then_plain",
+          damp: float = 1e-6) -> FactorPair:
+    """W [out, in], stats.gram [in, in] -> U [out, r1], V [in, r1], U2 [out, r2], V2 [in, r2], r1 + r2 = rank.
+
+    W ≈ U Vᵀ + U2 V2ᵀ; U Vᵀ = Trunc_1(W, r1), U2 V2ᵀ = Trunc_2(W − U Vᵀ, r2) (see the module doc).
+    With r2 = 0 (rank 1, or β = 0) there is no residual pair.
+    """
+    if not 0.0 <= beta < 1.0:
+        raise LrinferError(f"ressvd: beta (residual rank / (mn/(m+n))) must be in [0, 1); got {beta}")
+    if mode not in MODES:
+        raise LrinferError(f"ressvd: unknown mode {mode!r}; choose one of {', '.join(MODES)}")
+    first, second = {"whiten_then_plain": (True, False), "same_metric": (True, True),
+                     "plain_then_plain": (False, False), "plain_then_whiten": (False, True)}[mode]
+    L = Linv = None
+    if first or second:
+        if stats.gram is None:
+            raise LrinferError(f"ressvd: {stats.name} has no Gram matrix; calibrate first")
+        L, Linv = whitener(stats.gram, damp, stats.name)
+    r2 = residual_rank(W.shape[0], W.shape[1], rank, beta)
+    r1 = rank - r2
+    U, V = _truncate(W, r1, L if first else None, Linv if first else None)
+    if r2 == 0:
+        return FactorPair(U, V)
+    R = W - U @ V.t()
+    U2, V2 = _truncate(R, r2, L if second else None, Linv if second else None)
+    return FactorPair(U, V, U2, V2)
+
+
+@register_selection("last", summary="ResSVD partial-layer compression: only the last k decoder blocks")
+def select_last(linears, ratio: float, *, k: int | None = None, cap: float = 0.6):
+    """Keep the linears of the last `k` decoder blocks; they must remove ratio·(all params).
+
+    linears: every compressible LinearInfo. Returns (selected, R_l) with
+    R_l = ratio·Σ_all params / Σ_selected params (= N·ratio/k for identical blocks).
+    k=None: the smallest k whose R_l ≤ `cap` (all blocks if even k = N exceeds it, then R_l = ratio).
+    The paper searches k by calibration error (Alg. 3, criterion unpublished); this rule is ours:
+    cap = 0.6 keeps every compressed block at ≥ 40 % of its parameters, well inside the
+    feasibility limit R_l < 1 − β (the residual rank must fit, METHODS.md §1.3).
+    """
+    check_ratio(ratio)
+    if not 0.0 < cap < 1.0:
+        raise LrinferError(f"last: cap (largest per-layer ratio when k is derived) must be in (0, 1); got {cap}")
+    blocks = sorted({f.block for f in linears})
+    n = len(blocks)
+    if n == 0:
+        raise LrinferError("last: no compressible linears")
+
+    def pick(kk):
+        keep = set(blocks[n - kk:])
+        return [f for f in linears if f.block in keep]
+
+    if k is not None:
+        if not isinstance(k, int) or not 1 <= k <= n:
+            raise LrinferError(f"last: k must be an integer in [1, {n}] (the number of decoder blocks); got {k}")
+        sel = pick(k)
+        return sel, ratio_within(sel, linears, ratio)
+    total = sum(f.dense_params for f in linears)
+    for kk in range(1, n + 1):
+        sel = pick(kk)
+        if ratio * total / sum(f.dense_params for f in sel) <= cap + 1e-12:
+            return sel, ratio_within(sel, linears, ratio)
+    return linears, ratio
