@@ -1,0 +1,110 @@
+"""CUDA-only checks (skipped without a GPU): compiled kernels, the fused single launch, graphs."""
+from __future__ import annotations
+
+import pytest
+import torch
+
+import lrinfer.kernels as K
+from lrinfer.kernels import configs
+
+from ._util import assert_close, make_case, ref64
+
+pytestmark = [
+    pytest.mark.gpu,
+    pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device"),
+]
+
+DTYPES = [torch.bfloat16, torch.float16, torch.float32]
+CASES = [  # (M, in, out, k, k2, bias)
+    (1, 4096, 4096, 1224, 0, False),
+    (1, 200, 150, 77, 0, True),
+    (7, 1000, 3000, 1, 0, True),
+    (16, 777, 1234, 200, 40, True),
+    (32, 512, 300, 96, 0, False),
+    (300, 300, 200, 77, 9, True),
+]
+
+
+def _ids(c):
+    return "M{}-in{}-out{}-k{}-k2{}-{}".format(*c[:5], "bias" if c[5] else "nobias")
+
+
+def _sms():
+    return torch.cuda.get_device_properties(0).multi_processor_count
+
+
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+@pytest.mark.parametrize("case", CASES, ids=_ids)
+@pytest.mark.parametrize("fused", [True, False], ids=["fused", "two_launch"])
+def test_decode_kernels(case, dtype, fused):
+    from lrinfer.kernels import fused_decode
+
+    M, IN, OUT, k, k2, bias = case
+    x, V, U, b, V2, U2 = make_case(M, IN, OUT, k, k2, dtype, bias, device="cuda")
+    cfg = dict(configs.DEFAULTS[min(M, 32)])
+    for _ in range(3):  # repeated calls reuse the workspace
+        y = fused_decode.lowrank_decode(x, V, U, b, V2, U2, cfg=cfg, fused=fused, max_programs=_sms())
+        assert_close(y, ref64(x, V, U, b, V2, U2), dtype)
+
+
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+@pytest.mark.parametrize("case", CASES, ids=_ids)
+def test_prefill_kernel(case, dtype):
+    from lrinfer.kernels import prefill
+
+    M, IN, OUT, k, k2, bias = case
+    x, V, U, b, V2, U2 = make_case(M, IN, OUT, k, k2, dtype, bias, device="cuda")
+    y = prefill.lowrank_prefill(x, V, U, b, V2, U2, cfg=configs.DEFAULTS[8192])
+    assert_close(y, ref64(x, V, U, b, V2, U2), dtype)
+
+
+@pytest.mark.parametrize("M", [1, 4, 16, 64, 300])
+def test_op_dispatch_3d_noncontiguous(M):
+    dtype = torch.bfloat16
+    _, V, U, b, V2, U2 = make_case(1, 512, 384, 100, 12, dtype, True, device="cuda")
+    xb = torch.randn(M, 2, 1024, device="cuda", dtype=dtype)
+    x = xb[:, :, ::2]  # shape [M, 2, 512], non-contiguous
+    y = K.lowrank_linear(x, V, U, b, V2, U2)
+    assert_close(y, ref64(x, V, U, b, V2, U2), dtype)
+
+
+def test_cuda_graph_capture_replay():
+    dtype = torch.bfloat16
+    x, V, U, b, V2, U2 = make_case(1, 1024, 768, 200, 0, dtype, True, device="cuda")
+    s = torch.cuda.Stream()
+    s.wait_stream(torch.cuda.current_stream())
+    with torch.cuda.stream(s):  # warm up on the capture stream (compiles kernels, caches workspace)
+        for _ in range(2):
+            K.lowrank_linear(x, V, U, b)
+    torch.cuda.current_stream().wait_stream(s)
+    g = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(g):
+        y = K.lowrank_linear(x, V, U, b)
+    for _ in range(3):
+        x.copy_(torch.randn_like(x))
+        g.replay()
+        torch.cuda.synchronize()
+        assert_close(y, ref64(x, V, U, b), dtype)
+
+
+def test_cuda_graph_capture_cold_workspace():
+    """First call inside capture: the workspace is allocated for the graph, not cached."""
+    dtype = torch.float16
+    x, V, U, b, _, _ = make_case(2, 640, 320, 48, 0, dtype, True, device="cuda")
+    K.lowrank_linear(x, V, U, b)  # compile kernels on the default stream
+    g = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(g):
+        y = K.lowrank_linear(x, V, U, b)
+    for _ in range(3):
+        x.copy_(torch.randn_like(x))
+        g.replay()
+        torch.cuda.synchronize()
+        assert_close(y, ref64(x, V, U, b), dtype)
+
+
+def test_torch_compile_cuda():
+    dtype = torch.bfloat16
+    x, V, U, b, _, _ = make_case(4, 256, 128, 40, 0, dtype, True, device="cuda")
+    torch._dynamo.reset()
+    f = torch.compile(lambda x: torch.nn.functional.silu(K.lowrank_linear(x, V, U, b)), fullgraph=True)
+    assert_close(f(x), torch.nn.functional.silu(ref64(x, V, U, b)), dtype)
