@@ -11,6 +11,13 @@ target, acc and acc_norm) read from ``<data_dir>/piqa/valid.jsonl`` +
 ``valid-labels.lst`` instead of the hub.  With ``data_dir=None`` task names go
 to lm-eval unchanged (its stock tasks, which download their data).
 
+Naming: the offline task is called ``piqa`` (not ``piqa_local``) so the same
+``--tasks piqa`` means the same scoring with or without ``data_dir``; only
+``source`` in the result tells where the questions came from.  The task folder
+also works with the lm-eval CLI (its ``piqa`` then overrides the stock one)::
+
+    lm_eval --include_path <lrinfer>/tasks --metadata '{"data_dir": "..."}' --tasks piqa ...
+
 lm-eval is an optional extra (``pip install 'lrinfer[eval]'``); it is imported
 only when :func:`evaluate_tasks` runs.
 """
@@ -54,13 +61,15 @@ def _quiet_lm_eval(desc: str) -> Iterator[None]:
     requests", lm_eval.models.huggingface; one tick per (question, choice)
     request, all tasks of the call together).  Only the last is kept, relabelled
     ``desc``; the others are disabled by swapping the module-level ``tqdm``
-    names for the duration of the call.  Warnings other than the known noise
-    above still reach the log.
+    names for the duration of the call.  The ``lm_eval`` logger is set to
+    WARNING meanwhile; warnings other than the known noise above still reach
+    the log.
     """
     from tqdm.auto import tqdm as _tqdm
 
     import lm_eval.api.model
     import lm_eval.api.task
+    import lm_eval.evaluator
     import lm_eval.models.huggingface
 
     def _no_bar(*args: Any, **kwargs: Any):
@@ -78,6 +87,11 @@ def _quiet_lm_eval(desc: str) -> Iterator[None]:
         (lm_eval.models.huggingface, _main_bar),
     ]
     saved = [(mod, getattr(mod, "tqdm", None)) for mod, _ in patches]
+    # simple_evaluate also records `git describe` of the cwd (a subprocess
+    # whose stderr leaks "fatal: ..." outside a git checkout) and torch's
+    # collect_env (pip list and friends, ~2 s a call); we report neither
+    stubs = {"get_git_commit_hash": lambda: None, "add_env_info": lambda storage: None}
+    saved_fns = {k: getattr(lm_eval.evaluator, k) for k in stubs if hasattr(lm_eval.evaluator, k)}
     logger = logging.getLogger("lm_eval")
     old_level = logger.level
     flt = _DropNoise()
@@ -85,9 +99,11 @@ def _quiet_lm_eval(desc: str) -> Iterator[None]:
         for mod, new in patches:
             if hasattr(mod, "tqdm"):
                 mod.tqdm = new
+        for k in saved_fns:
+            setattr(lm_eval.evaluator, k, stubs[k])
         logger.setLevel(logging.WARNING)
-        logger.addFilter(flt)
-        # the filter has to sit where records are emitted: lm-eval's module loggers
+        # a logger's filter sees only records logged on it (not propagated
+        # ones), so it goes on each of lm-eval's module loggers
         for name in list(logging.root.manager.loggerDict):
             if name.startswith("lm_eval."):
                 logging.getLogger(name).addFilter(flt)
@@ -96,8 +112,9 @@ def _quiet_lm_eval(desc: str) -> Iterator[None]:
         for mod, old in saved:
             if old is not None:
                 mod.tqdm = old
+        for k, fn in saved_fns.items():
+            setattr(lm_eval.evaluator, k, fn)
         logger.setLevel(old_level)
-        logger.removeFilter(flt)
         for name in list(logging.root.manager.loggerDict):
             if name.startswith("lm_eval."):
                 logging.getLogger(name).removeFilter(flt)
