@@ -162,35 +162,46 @@ def collect_stats(block: nn.Module, stage: list[str], needs: frozenset, streams:
     want_hat = bool(needs & {"gram_hat", "cross"})
     dense_x: dict[str, torch.Tensor] = {}
 
+    memo: dict[tuple, torch.Tensor] = {}   # linears reading the same input (q/k/v) share one product
+
+    def once(key: tuple, fn):
+        if key not in memo:
+            memo[key] = fn()
+        return memo[key]
+
     def on_dense(n, x):
-        x = x.double()
+        key = (x.data_ptr(), tuple(x.shape))
         s = stats[n]
         s.n += x.shape[0]
+        xd = once(("x",) + key, x.double)
         if "gram" in needs:
-            s.add("gram", x.t() @ x)
+            s.add("gram", once(("gram",) + key, lambda: xd.t() @ xd).clone())
         if "abs_sum" in needs:
-            s.add("abs_sum", x.abs().sum(0))
+            s.add("abs_sum", once(("abs",) + key, lambda: xd.abs().sum(0)).clone())
         if "cross" in needs:
-            dense_x[n] = x
+            dense_x[n] = xd
 
     def on_hat(n, x):
-        x = x.double()
+        key = (x.data_ptr(), tuple(x.shape))
         s = stats[n]
         if not want_dense:
             s.n += x.shape[0]
+        xh = once(("xh",) + key, x.double)
         if "gram_hat" in needs:
-            s.add("gram_hat", x.t() @ x)
+            s.add("gram_hat", once(("gram_hat",) + key, lambda: xh.t() @ xh).clone())
         if "cross" in needs:
-            s.add("cross", dense_x.pop(n).t() @ x)
+            s.add("cross", once(("cross", dense_x[n].data_ptr()) + key, lambda: dense_x[n].t() @ xh).clone())
 
     dense_out = [] if want_dense else None
     for b in range(len(calls)):
+        memo.clear()
         if want_dense:
             with swapped_in(block, dense_modules), input_hooks(modules, on_dense):
                 dense_out.append(_first_tensor(block(streams.dense[b], *calls[b].args, **calls[b].kwargs)))
         if want_hat:
             with input_hooks(modules, on_hat):
                 block(streams.compressed[b], *calls[b].args, **calls[b].kwargs)
+        dense_x.clear()
     return stats, dense_out
 
 

@@ -36,7 +36,7 @@ class CompressConfig:
     """
     method: str = "svdllm"
     ratio: float = 0.2
-    selection: str = "all"
+    selection: str | None = None        # None: the method's own default (e.g. ResSVD's last layers)
     allocation: str = "uniform"
     rank_multiple: int = 8
     modules: list[str] | None = None
@@ -52,7 +52,8 @@ class CompressConfig:
 
     def __post_init__(self):
         check_ratio(self.ratio)
-        get_solver(self.method)
+        solver = get_solver(self.method)
+        self.selection = self.selection or solver.selection
         allocation.get_selection(self.selection)
         allocation.get_allocator(self.allocation)
         for name in ("rank_multiple", "n_samples", "seq_len", "batch_size"):

@@ -20,6 +20,7 @@ class Solver:
     solve: Callable[..., FactorPair]   # solve(W, stats, rank, **options) -> FactorPair
     needs: frozenset                   # subset of STAT_FIELDS
     summary: str
+    selection: str = "all"             # the layer selection the method's paper uses by default
 
     @property
     def needs_compressed_stream(self) -> bool:
@@ -42,14 +43,16 @@ class Solver:
 SOLVERS: dict[str, Solver] = {}
 
 
-def register_solver(name: str, needs=(), summary: str = ""):
-    """Decorator: register `solve(W, stats, rank, *, option=default, ...)` under `name`."""
+def register_solver(name: str, needs=(), summary: str = "", selection: str = "all"):
+    """Decorator: register `solve(W, stats, rank, *, option=default, ...)` under `name`.
+
+    `selection` names the layer selection used when the user does not choose one."""
     needs = frozenset(needs)
     if not needs <= STAT_FIELDS:
         raise ValueError(f"unknown statistics {sorted(needs - STAT_FIELDS)}; known: {sorted(STAT_FIELDS)}")
 
     def deco(fn):
-        SOLVERS[name] = Solver(name, fn, needs, summary or (fn.__doc__ or "").strip().splitlines()[0])
+        SOLVERS[name] = Solver(name, fn, needs, summary or (fn.__doc__ or "").strip().splitlines()[0], selection)
         return fn
     return deco
 

@@ -1,0 +1,236 @@
+"""`lrinfer compress | eval | info`: a thin CLI over the Python API. Defaults come from `CompressConfig`."""
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import sys
+from dataclasses import fields
+from pathlib import Path
+
+from .errors import LrinferError
+
+_DEFAULTS = None
+
+
+def _defaults() -> dict:
+    global _DEFAULTS
+    if _DEFAULTS is None:
+        from .compress import CompressConfig
+        _DEFAULTS = {f.name: f.default for f in fields(CompressConfig) if not callable(f.default_factory)}
+    return _DEFAULTS
+
+
+def _options(pairs: list[str] | None, flag: str) -> dict:
+    """["beta=0.5", "mode=plain"] -> {"beta": 0.5, "mode": "plain"} (values parsed as JSON when they can be)."""
+    out = {}
+    for pair in pairs or []:
+        key, sep, value = pair.partition("=")
+        if not sep or not key:
+            raise LrinferError(f"{flag} takes KEY=VALUE; got '{pair}'")
+        try:
+            out[key] = json.loads(value)
+        except json.JSONDecodeError:
+            out[key] = value
+    return out
+
+
+def _eval_args(p: argparse.ArgumentParser, data_default: str = "wikitext2") -> None:
+    p.add_argument("--data", default=data_default, help="evaluation text: wikitext2 (raw test split) or a .txt/.jsonl file")
+    p.add_argument("--seq-len", type=int, default=512, help="tokens per perplexity window (default 512)")
+    p.add_argument("--windows", type=int, default=16, help="number of non-overlapping windows; 0 = all (default 16)")
+    p.add_argument("--eval-batch-size", type=int, default=4)
+
+
+def _common(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--data-dir", default=None,
+                   help="local data directory (WikiText-2, PIQA); default $LRINFER_DATA_DIR or ../shared/data")
+    p.add_argument("--device", default=None, help="cpu, cuda, cuda:1 ... (default: cuda when available)")
+    p.add_argument("--dtype", default=None, choices=["float32", "float16", "bfloat16"])
+    p.add_argument("--json", action="store_true", help="print the JSON report on stdout")
+    p.add_argument("--debug", action="store_true", help="show tracebacks and debug logs")
+    p.add_argument("--no-progress", action="store_true", help="hide progress bars")
+
+
+def build_parser() -> argparse.ArgumentParser:
+    from .allocation import ALLOCATORS, SELECTIONS
+    from .solvers import SOLVERS
+
+    d = _defaults()
+    parser = argparse.ArgumentParser(prog="lrinfer", description=__doc__)
+    sub = parser.add_subparsers(dest="command", required=True)
+
+    c = sub.add_parser("compress", help="compress a model and write a checkpoint directory")
+    c.add_argument("--model", default=None, help="HF directory, .gguf file, hub id, or 'smollm2' (default)")
+    c.add_argument("--method", default=d["method"], choices=sorted(SOLVERS), help=f"solver (default {d['method']})")
+    c.add_argument("--ratio", type=float, default=d["ratio"],
+                   help=f"fraction of the linears' parameters removed, in (0, 1) (default {d['ratio']})")
+    c.add_argument("--selection", default=None, choices=sorted(SELECTIONS),
+                   help="which layers are compressed (default: the method's own)")
+    c.add_argument("--allocation", default=d["allocation"], choices=sorted(ALLOCATORS),
+                   help=f"rank allocation (default {d['allocation']})")
+    c.add_argument("--rank-multiple", type=int, default=d["rank_multiple"],
+                   help=f"round ranks down to a multiple of this (default {d['rank_multiple']})")
+    c.add_argument("--modules", default=None, help="comma-separated linear names to compress (default: all)")
+    c.add_argument("--calib", default=d["calib"], help="wikitext2, self, or a .txt/.jsonl file")
+    c.add_argument("--samples", type=int, default=d["n_samples"], help=f"calibration samples (default {d['n_samples']})")
+    c.add_argument("--calib-seq-len", type=int, default=d["seq_len"],
+                   help=f"tokens per calibration sample (default {d['seq_len']})")
+    c.add_argument("--seed", type=int, default=d["seed"])
+    c.add_argument("--batch-size", type=int, default=d["batch_size"], help="calibration batch size")
+    c.add_argument("--opt", action="append", metavar="KEY=VALUE", help="solver option (repeatable)")
+    c.add_argument("--selection-opt", action="append", metavar="KEY=VALUE", help="selection option")
+    c.add_argument("--allocation-opt", action="append", metavar="KEY=VALUE", help="allocation option")
+    c.add_argument("--out", default=None, help="output directory (default out/<model>-<method>-<ratio>)")
+    c.add_argument("--overwrite", action="store_true", help="replace --out even if it holds another model")
+    c.add_argument("--no-eval", action="store_true", help="skip the perplexity of dense and compressed models")
+    _eval_args(c)
+    _common(c)
+
+    e = sub.add_parser("eval", help="perplexity (and zero-shot tasks) of a compressed directory or a dense model")
+    e.add_argument("model", help="compressed directory, HF directory, .gguf file, hub id, or 'smollm2'")
+    _eval_args(e)
+    e.add_argument("--tasks", default=None, help="comma-separated zero-shot tasks through lm-eval, e.g. piqa")
+    e.add_argument("--limit", type=int, default=None, help="examples per task (default: all)")
+    e.add_argument("--batch-size", type=int, default=1, help="lm-eval batch size")
+    e.add_argument("--no-ppl", action="store_true", help="skip perplexity (only --tasks)")
+    _common(e)
+
+    i = sub.add_parser("info", help="describe a compressed directory")
+    i.add_argument("dir")
+    i.add_argument("--json", action="store_true")
+    i.add_argument("--debug", action="store_true")
+    return parser
+
+
+def _setup(args):
+    import torch
+    logging.basicConfig(level=logging.DEBUG if args.debug else logging.INFO, format="%(levelname)s %(name)s: %(message)s")
+    for noisy in ("httpx", "urllib3", "filelock", "fsspec"):
+        logging.getLogger(noisy).setLevel(logging.WARNING)
+    device = getattr(args, "device", None) or ("cuda" if torch.cuda.is_available() else "cpu")
+    dtype = getattr(torch, args.dtype) if getattr(args, "dtype", None) else None
+    return device, dtype
+
+
+def _ppl(model, tok, args, data_dir, progress) -> dict:
+    from .data import eval_windows
+    from .evaluate import perplexity
+    windows, desc = eval_windows(tok, args.data, args.seq_len, args.windows or None, data_dir)
+    out = perplexity(model, windows, args.eval_batch_size, progress)
+    out["data"] = desc
+    return out
+
+
+def cmd_compress(args) -> dict:
+    from .checkpoint import atomic_write_bytes, save_checkpoint
+    from .compress import CompressConfig, compress
+    from .data import calibration_batch, resolve_data_dir
+    from .models import load_model
+    from .report import compression_report, dir_bytes, format_summary, unique_params
+
+    device, dtype = _setup(args)
+    progress = not args.no_progress
+    config = CompressConfig(
+        method=args.method, ratio=args.ratio, selection=args.selection, allocation=args.allocation,
+        rank_multiple=args.rank_multiple, modules=args.modules.split(",") if args.modules else None,
+        calib=args.calib, n_samples=args.samples, seq_len=args.calib_seq_len, seed=args.seed,
+        batch_size=args.batch_size, method_options=_options(args.opt, "--opt"),
+        selection_options=_options(args.selection_opt, "--selection-opt"),
+        allocation_options=_options(args.allocation_opt, "--allocation-opt"))
+    out = Path(args.out or f"out/{Path(args.model or 'smollm2').stem}-{config.method}-{config.ratio:g}")
+    from .checkpoint import _prepare_out_dir
+    model, tok, source = load_model(args.model, dtype, device)
+    _prepare_out_dir(out, source, args.overwrite)   # fail before the long work, not after
+    data_dir = resolve_data_dir(args.data_dir)
+    extra = {}
+    if not args.no_eval:
+        extra["ppl_dense"] = _ppl(model, tok, args, data_dir, progress)
+    calib, calib_desc = calibration_batch(tok, config.calib, config.n_samples, config.seq_len, config.seed,
+                                          data_dir, model)
+    dense_params = unique_params(model)
+    result = compress(model, config, calib, progress)
+    report = compression_report(config, result, source, dense_params, unique_params(model), calib_desc)
+    report.update(extra)
+    if not args.no_eval:
+        report["ppl"] = _ppl(model, tok, args, data_dir, progress)
+    qc = {"method": config.method, "ratio": config.ratio, "selection": config.selection,
+          "allocation": config.allocation, "ranks": result.ranks, "config": config.to_dict()}
+    save_checkpoint(model, tok, out, qc, base_model=source, overwrite=args.overwrite)
+    report["out"] = str(out)
+    report["bytes_on_disk"] = dir_bytes(out)
+    atomic_write_bytes(out / "report.json", json.dumps(report, indent=2).encode())
+    if not args.json:
+        print(format_summary(report))
+    return report
+
+
+def cmd_eval(args) -> dict:
+    from .checkpoint import is_checkpoint, read_manifest
+    from .data import resolve_data_dir
+    from .models import load_model
+
+    device, dtype = _setup(args)
+    model, tok, source = load_model(args.model, dtype, device)
+    data_dir = resolve_data_dir(args.data_dir)
+    report = {"model": source}
+    if is_checkpoint(Path(args.model)):
+        m = read_manifest(Path(args.model))
+        report.update(method=m.get("method"), ratio=m.get("ratio"), ranks=m.get("ranks"))
+    else:
+        report.update(method="dense", ratio=0.0, ranks={})
+    if not args.no_ppl:
+        report["ppl"] = _ppl(model, tok, args, data_dir, not args.no_progress)
+    if args.tasks:
+        from .zeroshot import evaluate_tasks
+        report["tasks"] = evaluate_tasks(model, tok, [t.strip() for t in args.tasks.split(",") if t.strip()],
+                                         data_dir, limit=args.limit, batch_size=args.batch_size, device=device)
+    if not args.json:
+        if "ppl" in report:
+            e = report["ppl"]
+            print(f"perplexity {e['ppl']:.3f}  [{e['data']}, seq_len {e['seq_len']}, {e['windows']} windows]")
+        for task, r in report.get("tasks", {}).items():
+            print(f"{task}: acc {r['acc']:.4f} ± {r['acc_stderr']:.4f}, acc_norm {r['acc_norm']:.4f} "
+                  f"± {r['acc_norm_stderr']:.4f}  (n={r['n']})")
+    return report
+
+
+def cmd_info(args) -> dict:
+    from .checkpoint import read_manifest, verify_files
+    path = Path(args.dir)
+    manifest = read_manifest(path)
+    verify_files(path, manifest)
+    ranks = manifest.get("ranks", {})
+    report = {k: manifest.get(k) for k in ("base_model", "method", "ratio", "format_version")}
+    report["ranks"] = ranks
+    report["compressed_linears"] = len(ranks)
+    report["bytes_on_disk"] = sum(f["bytes"] for f in manifest.get("files", {}).values())
+    report["files"] = manifest.get("files")
+    if (path / "report.json").is_file():
+        saved = json.loads((path / "report.json").read_text())
+        report.update({k: saved[k] for k in ("params", "achieved_ratio", "ppl", "ppl_dense") if k in saved})
+    if not args.json:
+        print(f"{path}: {report['method']} at ratio {report['ratio']} of {report['base_model']}")
+        print(f"{len(ranks)} low-rank linears, {report['bytes_on_disk'] / 2**20:.1f} MiB; checksums OK")
+        if "ppl" in report:
+            print(f"perplexity {report['ppl']['ppl']:.3f} (dense {report.get('ppl_dense', {}).get('ppl', float('nan')):.3f})")
+    return report
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    handler = {"compress": cmd_compress, "eval": cmd_eval, "info": cmd_info}[args.command]
+    try:
+        report = handler(args)
+    except (LrinferError, ImportError) as e:
+        if args.debug:
+            raise
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+    if getattr(args, "json", False):
+        print(json.dumps(report, indent=2))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,77 @@
+"""The machine-readable report of a compression (`DIR/report.json`) and its printed summary."""
+from __future__ import annotations
+
+import platform
+from pathlib import Path
+
+import torch
+
+from . import __version__
+from .allocation import achieved_ratio
+from .compress import CompressConfig, CompressionResult
+
+
+def unique_params(model) -> int:
+    """Parameters of `model`, counting tied tensors once."""
+    seen, total = set(), 0
+    for p in model.parameters():
+        key = (p.untyped_storage().data_ptr(), p.storage_offset(), tuple(p.shape)) if p.device.type != "meta" else id(p)
+        if key not in seen:
+            seen.add(key)
+            total += p.numel()
+    return total
+
+
+def dir_bytes(path: Path) -> int:
+    return sum(p.stat().st_size for p in Path(path).iterdir() if p.is_file())
+
+
+def compression_report(config: CompressConfig, result: CompressionResult, model_source: str,
+                       dense_params: int, compressed_params: int, calib_desc: str) -> dict:
+    """Everything about one compression except evaluation and disk figures (added by the caller)."""
+    linears = result.linears
+    dense_linear = sum(f.dense_params for f in linears)
+    kept = {f.name: sum(result.ranks[f.name]) for f in linears if f.name in result.ranks}
+    compressed_linear = sum(kept[f.name] * (f.in_features + f.out_features) if f.name in kept else f.dense_params
+                            for f in linears)
+    return {
+        "lrinfer_version": __version__,
+        "model": model_source,
+        "method": config.method,
+        "ratio": config.ratio,
+        "achieved_ratio": achieved_ratio(linears, kept),
+        "selection": config.selection,
+        "allocation": config.allocation,
+        "config": config.to_dict(),
+        "calibration": {"source": calib_desc, "n_samples": config.n_samples, "seq_len": config.seq_len,
+                        "seed": config.seed},
+        "ranks": result.ranks,
+        "params": {"linears_dense": dense_linear, "linears_compressed": compressed_linear,
+                   "model_dense": dense_params, "model_compressed": compressed_params},
+        "hidden_error": {"final": result.hidden_error[-1] if result.hidden_error else None,
+                         "per_block": result.hidden_error},
+        "compress_seconds": round(result.seconds, 2),
+        "host": {"torch": torch.__version__, "python": platform.python_version()},
+    }
+
+
+def format_summary(report: dict) -> str:
+    """A few human-readable lines."""
+    p = report["params"]
+    lines = [
+        f"method {report['method']} ({report['selection']} layers, {report['allocation']} ranks), "
+        f"target ratio {report['ratio']:.0%}, achieved {report['achieved_ratio']:.2%} of the linears",
+        f"parameters: linears {p['linears_dense']:,} -> {p['linears_compressed']:,}; "
+        f"model {p['model_dense']:,} -> {p['model_compressed']:,}",
+        f"calibration: {report['calibration']['n_samples']} x {report['calibration']['seq_len']} tokens "
+        f"of {report['calibration']['source']}; final hidden-state error {report['hidden_error']['final']:.4f}; "
+        f"{report['compress_seconds']:.0f} s",
+    ]
+    if "bytes_on_disk" in report:
+        lines.append(f"on disk: {report['bytes_on_disk'] / 2**20:.1f} MiB in {report.get('out')}")
+    for key, label in (("ppl_dense", "dense"), ("ppl", "compressed")):
+        if key in report:
+            e = report[key]
+            lines.append(f"perplexity ({label}): {e['ppl']:.2f}  [{e['data']}, seq_len {e['seq_len']}, "
+                         f"{e['windows']} windows]")
+    return "\n".join(lines)
