@@ -52,7 +52,7 @@ class _DropNoise(logging.Filter):
 
 
 @contextlib.contextmanager
-def _quiet_lm_eval(desc: str) -> Iterator[None]:
+def _quiet_lm_eval(desc: str, progress: bool = True) -> Iterator[None]:
     """Silence lm-eval's INFO logging and its secondary progress bars.
 
     lm-eval (0.4.13) shows three tqdm bars per run: one while building the
@@ -60,7 +60,7 @@ def _quiet_lm_eval(desc: str) -> Iterator[None]:
     (lm_eval.api.model) and one over the model calls ("Running loglikelihood
     requests", lm_eval.models.huggingface; one tick per (question, choice)
     request, all tasks of the call together).  Only the last is kept, relabelled
-    ``desc``; the others are disabled by swapping the module-level ``tqdm``
+    ``desc`` (or disabled too with ``progress=False``); the others are disabled by swapping the module-level ``tqdm``
     names for the duration of the call.  The ``lm_eval`` logger is set to
     WARNING meanwhile; warnings other than the known noise above still reach
     the log.
@@ -79,6 +79,8 @@ def _quiet_lm_eval(desc: str) -> Iterator[None]:
     def _main_bar(*args: Any, **kwargs: Any):
         kwargs["desc"] = desc
         kwargs.setdefault("unit", "req")
+        if not progress:
+            kwargs["disable"] = True
         return _tqdm(*args, **kwargs)
 
     patches = [
@@ -135,6 +137,7 @@ def evaluate_tasks(
     limit: int | None = None,
     batch_size: int = 1,
     device: str = "cpu",
+    progress: bool = True,
 ) -> dict[str, dict[str, Any]]:
     """Zero-shot accuracy of ``model`` on ``tasks``.
 
@@ -149,6 +152,9 @@ def evaluate_tasks(
         limit: score only the first ``limit`` questions of each task.
         batch_size: requests per forward pass.
         device: where to run.
+        progress: show the one progress bar (ticks per (question, choice)
+            request, all tasks together); lm-eval's other bars and INFO logs
+            are always silenced.
 
     Returns:
         ``{task: {"acc", "acc_stderr", "acc_norm", "acc_norm_stderr", "n",
@@ -202,7 +208,7 @@ def evaluate_tasks(
         model.to(device)
     model.eval()
 
-    with _quiet_lm_eval(desc="zero-shot " + ",".join(tasks)):
+    with _quiet_lm_eval(desc="zero-shot " + ",".join(tasks), progress=progress):
         lm = HFLM(pretrained=model, tokenizer=tokenizer, batch_size=batch_size)
         out = lm_eval.simple_evaluate(
             model=lm,
