@@ -1,0 +1,98 @@
+"""The CLI contract on a tiny model saved as a Hugging Face directory."""
+import json
+
+import pytest
+import torch
+
+from lrinfer.cli import main
+
+TEXT = ("The quick brown fox jumps over the lazy dog. " * 3 + "Pack my box with five dozen liquor jugs. ") * 60
+
+
+@pytest.fixture(scope="module")
+def tiny_dir(tmp_path_factory):
+    """A tiny Llama + byte-level BPE tokenizer in a HF directory, and a text file."""
+    from tokenizers import ByteLevelBPETokenizer
+    from transformers import LlamaConfig, LlamaForCausalLM, PreTrainedTokenizerFast
+    root = tmp_path_factory.mktemp("cli")
+    bpe = ByteLevelBPETokenizer()
+    bpe.train_from_iterator([TEXT], vocab_size=300, min_frequency=1, special_tokens=["<s>"])
+    tok = PreTrainedTokenizerFast(tokenizer_object=bpe._tokenizer, bos_token="<s>", eos_token="<s>")
+    torch.manual_seed(0)
+    model = LlamaForCausalLM(LlamaConfig(hidden_size=64, intermediate_size=128, num_hidden_layers=2,
+                                         num_attention_heads=4, num_key_value_heads=2,
+                                         vocab_size=len(tok), max_position_embeddings=128))
+    model.save_pretrained(root / "model")
+    tok.save_pretrained(root / "model")
+    (root / "text.txt").write_text(TEXT)
+    return root
+
+
+def _compress(tiny_dir, out, *extra):
+    return main(["compress", "--model", str(tiny_dir / "model"), "--method", "svdllm", "--ratio", "0.3",
+                 "--calib", str(tiny_dir / "text.txt"), "--samples", "4", "--calib-seq-len", "32",
+                 "--data", str(tiny_dir / "text.txt"), "--seq-len", "32", "--windows", "3",
+                 "--out", str(out), "--no-progress", "--json", *extra])
+
+
+def test_compress_eval_info(tiny_dir, tmp_path, capsys):
+    out = tmp_path / "ck"
+    assert _compress(tiny_dir, out) == 0
+    report = json.loads((out / "report.json").read_text())
+    assert json.loads(capsys.readouterr().out)["ranks"] == report["ranks"]
+    for key in ("method", "ratio", "ranks", "params", "bytes_on_disk", "ppl", "ppl_dense", "achieved_ratio"):
+        assert key in report
+    assert report["method"] == "svdllm" and report["ratio"] == 0.3 and len(report["ranks"]) == 14
+    assert report["params"]["linears_compressed"] < 0.7 * report["params"]["linears_dense"]
+    assert report["ppl"]["seq_len"] == 32 and report["ppl"]["windows"] == 3
+    assert report["ppl"]["data"].endswith("text.txt")
+
+    assert main(["eval", str(out), "--data", str(tiny_dir / "text.txt"), "--seq-len", "32", "--windows", "3",
+                 "--json", "--no-progress"]) == 0
+    evaluated = json.loads(capsys.readouterr().out)
+    assert evaluated["ppl"]["ppl"] == pytest.approx(report["ppl"]["ppl"], rel=1e-5)
+    assert evaluated["method"] == "svdllm"
+
+    assert main(["eval", str(tiny_dir / "model"), "--data", str(tiny_dir / "text.txt"), "--seq-len", "32",
+                 "--windows", "3", "--json", "--no-progress"]) == 0
+    dense = json.loads(capsys.readouterr().out)
+    assert dense["method"] == "dense"
+    assert dense["ppl"]["ppl"] == pytest.approx(report["ppl_dense"]["ppl"], rel=1e-5)
+
+    assert main(["info", str(out), "--json"]) == 0
+    info = json.loads(capsys.readouterr().out)
+    assert info["compressed_linears"] == 14 and info["bytes_on_disk"] > 0
+
+
+@pytest.mark.parametrize("args,message", [
+    (["compress", "--ratio", "1.0"], "ratio must be strictly between 0 and 1"),
+    (["compress", "--ratio", "0"], "ratio must be strictly between 0 and 1"),
+    (["compress", "--model", "/no/such/model"], "model path not found: /no/such/model"),
+    (["eval", "./missing-dir"], "model path not found"),
+    (["info", "/no/such/ckpt"], "not an lrinfer checkpoint"),
+])
+def test_errors_are_one_line(args, message, capsys):
+    assert main(args + (["--no-eval"] if args[0] == "compress" else [])) == 2
+    err = capsys.readouterr().err
+    assert message in err and "Traceback" not in err and err.count("\n") == 1
+
+
+def test_refuses_out_dir_of_a_different_model(tiny_dir, tmp_path, capsys):
+    out = tmp_path / "other"
+    out.mkdir()
+    (out / "lrinfer.json").write_text(json.dumps({"format": "lrinfer", "format_version": 1,
+                                                  "base_model": "someone/else"}))
+    assert _compress(tiny_dir, out, "--no-eval") == 2
+    assert "different base" in capsys.readouterr().err
+    assert (out / "lrinfer.json").is_file() and not (out / "model.safetensors").exists()
+
+
+def test_flipped_byte_fails_eval(tiny_dir, tmp_path, capsys):
+    out = tmp_path / "ck"
+    assert _compress(tiny_dir, out, "--no-eval") == 0
+    capsys.readouterr()
+    data = bytearray((out / "model.safetensors").read_bytes())
+    data[-100] ^= 0xFF
+    (out / "model.safetensors").write_bytes(bytes(data))
+    assert main(["eval", str(out), "--data", str(tiny_dir / "text.txt"), "--seq-len", "32"]) == 2
+    assert "checksum mismatch" in capsys.readouterr().err
