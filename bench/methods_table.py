@@ -60,6 +60,9 @@ def main(argv=None) -> None:
     ap.add_argument("--windows", type=int, default=16)
     ap.add_argument("--stem", default="methods_smollm2")
     ap.add_argument("--fresh", action="store_true", help="ignore runs already in the JSON")
+    ap.add_argument("--compress-threads", type=int, default=1,
+                    help="torch threads while compressing (small SVDs/Cholesky scale badly on a shared CPU); "
+                         "evaluation uses torch's default")
     args = ap.parse_args(argv)
     command = "python " + " ".join(shlex.quote(a) for a in [sys.argv[0], *(argv if argv is not None else sys.argv[1:])])
     print(command, flush=True)
@@ -74,7 +77,8 @@ def main(argv=None) -> None:
     old = json.loads(path.read_text()) if path.exists() and not args.fresh else {"runs": []}
     results = {"model": source, "command": command, "calibration": f"{calib_desc}, {tuple(calib.shape)}, seed 0",
                "eval": f"{eval_desc}, {tuple(windows.shape)}", "torch": torch.__version__,
-               "host": f"{platform.machine()} CPU, {torch.get_num_threads()} threads", "runs": old["runs"]}
+               "host": f"{platform.machine()} CPU (shared), compress {args.compress_threads} thread(s), "
+                       f"eval {torch.get_num_threads()}", "runs": old["runs"]}
     done = {(r["spec"], r["ratio"]) for r in results["runs"]}
 
     for ratio in args.ratios:
@@ -89,7 +93,12 @@ def main(argv=None) -> None:
             else:
                 cfg = lrinfer.CompressConfig(method=method, ratio=ratio, allocation=alloc, selection=selection,
                                              n_samples=args.n_samples, seq_len=args.seq_len)
-                res = lrinfer.compress(model, cfg, calib, progress=False)
+                threads = torch.get_num_threads()
+                torch.set_num_threads(args.compress_threads)
+                try:
+                    res = lrinfer.compress(model, cfg, calib, progress=False)
+                finally:
+                    torch.set_num_threads(threads)
                 seconds = time.perf_counter() - t0
                 achieved = achieved_ratio(res.linears, {n: sum(k) for n, k in res.ranks.items()})
                 sel, err = cfg.selection, res.hidden_error[-1]
