@@ -69,10 +69,37 @@ def read_manifest(path: Path) -> dict:
         raise CheckpointError(f"{path / MANIFEST}: not valid JSON ({e})") from None
     if not isinstance(manifest, dict) or manifest.get("format") != QUANT_METHOD:
         raise CheckpointError(f"{path / MANIFEST}: not an lrinfer manifest")
-    if manifest.get("format_version", 0) > FORMAT_VERSION:
+    version = manifest.get("format_version", 0)
+    if type(version) is not int:
+        raise CheckpointError(f"{path / MANIFEST}: format_version is {version!r}, not an integer")
+    if version > FORMAT_VERSION:
         raise CheckpointError(f"{path}: format version {manifest.get('format_version')} is newer than this "
                               f"lrinfer supports ({FORMAT_VERSION}); upgrade lrinfer")
+    _check_manifest_types(path, manifest)
     return manifest
+
+
+def _check_manifest_types(path: Path, manifest: dict) -> None:
+    """Refuse a manifest whose fields have the wrong JSON types (so later code never meets them)."""
+    where = path / MANIFEST
+
+    def bad(what):
+        raise CheckpointError(f"{where}: {what}; the manifest is corrupt, re-create the checkpoint")
+
+    for key in ("ranks", "tensors", "aliases", "files"):
+        if not isinstance(manifest.get(key, {}), dict):
+            bad(f"'{key}' is a {type(manifest[key]).__name__}, not an object")
+    for name, meta in manifest.get("files", {}).items():
+        if not name or name in (".", "..") or "/" in name or "\\" in name:
+            bad(f"file name {name!r} is not a plain file name in the checkpoint directory")
+        if not (isinstance(meta, dict) and type(meta.get("bytes")) is int and isinstance(meta.get("sha256"), str)):
+            bad(f"files entry {name!r} is {meta!r}, not {{'bytes': int, 'sha256': str}}")
+    for name, meta in manifest.get("tensors", {}).items():
+        if not (isinstance(meta, dict) and isinstance(meta.get("shape"), list) and isinstance(meta.get("dtype"), str)):
+            bad(f"tensors entry {name!r} is {meta!r}, not {{'shape': [...], 'dtype': str}}")
+    for alias, target in manifest.get("aliases", {}).items():
+        if not isinstance(target, str):
+            bad(f"alias {alias!r} points to {target!r}, not a tensor name")
 
 
 def _prepare_out_dir(out: Path, base_model: str, overwrite: bool) -> None:
@@ -214,17 +241,25 @@ def load_checkpoint(path: str | os.PathLike, device: str = "cpu", dtype: torch.d
         verify_files(path, manifest)
     try:
         config_dict = json.loads((path / "config.json").read_text())
-    except (OSError, json.JSONDecodeError) as e:
-        raise CheckpointError(f"{path / 'config.json'}: unreadable ({e})") from None
+    except FileNotFoundError:
+        raise CheckpointError(f"{path / 'config.json'}: missing; every checkpoint needs its model config") from None
+    except (OSError, json.JSONDecodeError, UnicodeDecodeError) as e:
+        raise CheckpointError(f"{path / 'config.json'}: unreadable ({_one_line(e)})") from None
+    if not isinstance(config_dict, dict):
+        raise CheckpointError(f"{path / 'config.json'}: holds a {type(config_dict).__name__}, not a JSON object")
     qc = config_dict.get("quantization_config") or {}
-    if qc.get("quant_method") != QUANT_METHOD or qc.get("ranks") != manifest.get("ranks"):
+    if not isinstance(qc, dict) or qc.get("quant_method") != QUANT_METHOD or qc.get("ranks") != manifest.get("ranks"):
         raise CheckpointError(f"{path}: config.json's quantization_config does not match {MANIFEST} "
                               "(method or ranks differ); the checkpoint was edited or mixed")
-    config = AutoConfig.from_pretrained(str(path))
-    if hasattr(config, "quantization_config"):
-        del config.quantization_config
-    with params_on_meta():
-        model = AutoModelForCausalLM.from_config(config)
+    try:
+        config = AutoConfig.from_pretrained(str(path))
+        if hasattr(config, "quantization_config"):
+            del config.quantization_config
+        with params_on_meta():
+            model = AutoModelForCausalLM.from_config(config)
+    except Exception as e:  # anything transformers raises on a bad config: unknown model_type, bad field, ...
+        raise CheckpointError(f"{path / 'config.json'}: cannot build the model from it "
+                              f"({type(e).__name__}: {_one_line(e)})") from None
     ranks = manifest["ranks"]
     for name, rk in ranks.items():
         try:
@@ -235,15 +270,17 @@ def load_checkpoint(path: str | os.PathLike, device: str = "cpu", dtype: torch.d
             raise CheckpointError(f"{path}: '{name}' is not a linear layer")
         r1, r2 = (list(rk) + [0])[:2] if isinstance(rk, (list, tuple)) else (rk, 0)
         full = min(old.in_features, old.out_features)
-        if not (isinstance(r1, int) and isinstance(r2, int) and 1 <= r1 and 0 <= r2 and r1 + r2 <= full):
-            raise CheckpointError(f"{path}: rank {rk} of '{name}' is out of range for a "
+        if not (type(r1) is int and type(r2) is int and 1 <= r1 and 0 <= r2 and r1 + r2 <= full):
+            raise CheckpointError(f"{path}: rank {rk!r} of '{name}' is out of range for a "
                                   f"[{old.out_features}, {old.in_features}] layer (1 <= rank <= {full})")
         replace_module(model, name, LowRankLinear(old.in_features, old.out_features, r1, r2,
                                                   old.bias is not None, device="meta"))
+    if not (path / WEIGHTS).is_file():
+        raise CheckpointError(f"{path / WEIGHTS}: missing or not a file; the checkpoint holds no weights")
     try:
         tensors = load_file(str(path / WEIGHTS))
     except (SafetensorError, OSError, ValueError) as e:
-        raise CheckpointError(f"{path / WEIGHTS}: not a valid safetensors file ({e}); "
+        raise CheckpointError(f"{path / WEIGHTS}: not a valid safetensors file ({_one_line(e)}); "
                               "pickled checkpoints are never loaded") from None
     _check_tensors(path, model, tensors, manifest)
     model.load_state_dict(tensors, strict=False, assign=True)
@@ -251,11 +288,25 @@ def load_checkpoint(path: str | os.PathLike, device: str = "cpu", dtype: torch.d
     if dtype is not None:
         model.to(dtype)
     model.to(device).eval()
-    tok = AutoTokenizer.from_pretrained(str(path)) if (path / "tokenizer_config.json").is_file() else None
+    tok = None
+    if (path / "tokenizer_config.json").is_file():
+        try:
+            tok = AutoTokenizer.from_pretrained(str(path))
+        except Exception as e:  # corrupt tokenizer files (only reachable with verify=False or unlisted files)
+            raise CheckpointError(f"{path}: the tokenizer files are unreadable "
+                                  f"({type(e).__name__}: {_one_line(e)})") from None
     return model, tok
 
 
+def _one_line(e: BaseException) -> str:
+    """An exception's message on one line, at most 300 characters (some library messages run to paragraphs)."""
+    text = " ".join(line.strip() for line in str(e).splitlines() if line.strip())
+    return (text[:297] + "...") if len(text) > 300 else (text or type(e).__name__)
+
+
 def _check_tensors(path: Path, model: nn.Module, tensors: dict, manifest: dict) -> None:
+    from .nn import LowRankLinear
+
     aliases = manifest.get("aliases", {})
     expected = {k: v for k, v in model.state_dict(keep_vars=True).items() if k not in aliases}
     missing = sorted(set(expected) - set(tensors))
@@ -274,7 +325,31 @@ def _check_tensors(path: Path, model: nn.Module, tensors: dict, manifest: dict) 
         if d is None or d.get("shape") != list(t.shape) or d.get("dtype") != str(t.dtype).removeprefix("torch."):
             raise CheckpointError(f"{where}: '{k}' ({t.dtype}, {list(t.shape)}) does not match "
                                   f"{MANIFEST} ({d})")
+        if t.is_floating_point() != want.is_floating_point():
+            raise CheckpointError(f"{where}: '{k}' has dtype {t.dtype}, the model needs a "
+                                  f"{'floating' if want.is_floating_point() else 'non-floating'} tensor")
         if not t.is_floating_point():
             continue
-        if k.rsplit(".", 1)[-1] in ("U", "V", "U2", "V2") and not torch.isfinite(t).all():
-            raise CheckpointError(f"{where}: '{k}' holds NaN/Inf")
+        if isinstance(want, nn.Parameter) and not torch.isfinite(t).all():   # buffers may hold ±inf masks
+            raise CheckpointError(f"{where}: '{k}' holds NaN/Inf; the file is corrupt, re-create the checkpoint")
+    # A compressed layer's factors and bias must share the dtype of the rest of the model: the op
+    # refuses mixed dtypes at the first forward otherwise.
+    floats = [t.dtype for k, t in tensors.items() if t.is_floating_point()
+              and not isinstance(_owner(model, k), LowRankLinear)]
+    model_dtype = max(set(floats), key=floats.count) if floats else None
+    for k, t in tensors.items():
+        if isinstance(_owner(model, k), LowRankLinear):
+            if model_dtype is None:
+                model_dtype = t.dtype
+            if t.dtype != model_dtype:
+                raise CheckpointError(f"{where}: '{k}' is {str(t.dtype).removeprefix('torch.')} but the model's "
+                                      f"other tensors are {str(model_dtype).removeprefix('torch.')}; "
+                                      "all factors of a compressed layer must share the model's dtype")
+
+
+def _owner(model: nn.Module, key: str) -> nn.Module | None:
+    mod, _, _ = key.rpartition(".")
+    try:
+        return model.get_submodule(mod)
+    except AttributeError:
+        return None
