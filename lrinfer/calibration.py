@@ -169,8 +169,13 @@ def collect_stats(block: nn.Module, stage: list[str], needs: frozenset, streams:
             memo[key] = fn()
         return memo[key]
 
+    def input_key(x: torch.Tensor) -> tuple:
+        key = (x.data_ptr(), tuple(x.shape), x.stride())
+        memo[("pin",) + key] = x      # holding x keeps its address from being reused this batch
+        return key
+
     def on_dense(n, x):
-        key = (x.data_ptr(), tuple(x.shape))
+        key = input_key(x)
         s = stats[n]
         s.n += x.shape[0]
         xd = once(("x",) + key, x.double)
@@ -182,7 +187,7 @@ def collect_stats(block: nn.Module, stage: list[str], needs: frozenset, streams:
             dense_x[n] = xd
 
     def on_hat(n, x):
-        key = (x.data_ptr(), tuple(x.shape))
+        key = input_key(x)
         s = stats[n]
         if not want_dense:
             s.n += x.shape[0]

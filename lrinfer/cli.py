@@ -83,6 +83,8 @@ def build_parser() -> argparse.ArgumentParser:
     c.add_argument("--allocation-opt", action="append", metavar="KEY=VALUE", help="allocation option")
     c.add_argument("--out", default=None, help="output directory (default out/<model>-<method>-<ratio>)")
     c.add_argument("--overwrite", action="store_true", help="replace --out even if it holds another model")
+    c.add_argument("--resume", action="store_true",
+                   help="continue an interrupted run with the same arguments (progress is kept beside --out)")
     c.add_argument("--no-eval", action="store_true", help="skip the perplexity of dense and compressed models")
     _eval_args(c)
     _common(c)
@@ -149,7 +151,8 @@ def cmd_compress(args) -> dict:
     calib, calib_desc = calibration_batch(tok, config.calib, config.n_samples, config.seq_len, config.seed,
                                           data_dir, model)
     dense_params = unique_params(model)
-    result = compress(model, config, calib, progress)
+    work_dir = out.parent / f".{out.name}.work"
+    result = compress(model, config, calib, progress, work_dir=work_dir, resume=args.resume)
     report = compression_report(config, result, source, dense_params, unique_params(model), calib_desc)
     report.update(extra)
     if not args.no_eval:
@@ -160,6 +163,8 @@ def cmd_compress(args) -> dict:
     report["out"] = str(out)
     report["bytes_on_disk"] = dir_bytes(out)
     atomic_write_bytes(out / "report.json", json.dumps(report, indent=2).encode())
+    from .resume import WorkDir
+    WorkDir(work_dir, "").remove()
     if not args.json:
         print(format_summary(report))
     return report

@@ -18,6 +18,7 @@ from .factors import FactorPair
 from .models import check_architecture, compressible_linears, decoder_blocks
 from .nn import LowRankLinear, replace_module
 from .solvers import get_solver
+from .resume import WorkDir, fingerprint
 from .solvers.linalg import whitener
 
 log = logging.getLogger(__name__)
@@ -109,79 +110,110 @@ def _spectra(model, blocks, streams, linears, prefix, progress) -> dict[str, tor
     return out
 
 
-def compress(model: nn.Module, config: CompressConfig, calib_ids: torch.Tensor,
-             progress: bool = True) -> CompressionResult:
+def compress(model: nn.Module, config: CompressConfig, calib_ids: torch.Tensor, progress: bool = True,
+             work_dir: str | None = None, resume: bool = False) -> CompressionResult:
     """Compress `model` in place: every selected `nn.Linear` becomes a `LowRankLinear`.
 
     calib_ids [n_samples, seq_len] token ids. Blocks run one at a time on the model's device.
+    With `work_dir`, progress is saved after every block; `resume=True` continues from it (the
+    model must be the same dense model), giving the same result, bit for bit, as one run.
     """
     t0 = time.perf_counter()
     check_architecture(model)
     solver = get_solver(config.method)
     prefix, blocks = decoder_blocks(model)
     linears = compressible_linears(model, config.modules)
-    selected, inner_ratio = allocation.get_selection(config.selection)(
-        linears, config.ratio, **config.selection_options)
-    allocator = allocation.get_allocator(config.allocation)
     device = next(model.parameters()).device
     was_training = model.training
     model.eval()
+    work = WorkDir(work_dir, fingerprint(config.to_dict(), calib_ids, linears)) if work_dir else None
+    saved = work.load() if (work and resume) else None
+    if work and not saved:
+        work.start()
 
-    spectra = None
-    if allocator.needs_spectra:
-        streams = capture_inputs(model, blocks, calib_ids, config.batch_size, device)
-        spectra = _spectra(model, blocks, streams, selected, prefix, progress)
-    ranks = allocator(selected, inner_ratio, config.rank_multiple, spectra, **config.allocation_options)
+    if saved:
+        ranks = saved.ranks
+    else:
+        selected, inner_ratio = allocation.get_selection(config.selection)(
+            linears, config.ratio, **config.selection_options)
+        allocator = allocation.get_allocator(config.allocation)
+        spectra = None
+        if allocator.needs_spectra:
+            streams = capture_inputs(model, blocks, calib_ids, config.batch_size, device)
+            spectra = _spectra(model, blocks, streams, selected, prefix, progress)
+        ranks = allocator(selected, inner_ratio, config.rank_multiple, spectra, **config.allocation_options)
     fisher = (fisher_information(model, list(ranks), calib_ids, config.batch_size)
               if "fisher" in solver.needs else {})
 
     with torch.no_grad():
-        return _compress_blocks(model, config, solver, calib_ids, ranks, fisher, linears, prefix, blocks,
-                                device, progress, was_training, t0)
-
-
-def _compress_blocks(model, config, solver, calib_ids, ranks, fisher, linears, prefix, blocks, device,
-                     progress, was_training, t0) -> CompressionResult:
-    streams = capture_inputs(model, blocks, calib_ids, config.batch_size, device)
-    factors: dict[str, FactorPair] = {}
-    hidden_error = []
-    bar = tqdm(blocks, desc=f"compress ({config.method})", unit="block", disable=not progress)
-    for i, block in enumerate(bar):
-        calls = streams.calls[i]
-        rel = {f.name[len(f"{prefix}.{i}."):]: f.name for f in linears if f.block == i and f.name in ranks}
-        dense_out = None
-        originals: dict[str, nn.Module] = {}
-        if rel:
-            modules = {r: block.get_submodule(r) for r in rel}
-            stages = (linear_stages(block, modules, streams.compressed[0], calls[0])
-                      if solver.needs_compressed_stream else [list(rel)])
-            for stage in stages:
-                stats, out = collect_stats(block, stage, solver.needs, streams, calls, originals, rel)
-                dense_out = dense_out if dense_out is not None else out
-                for r in stage:
-                    name, lin = rel[r], modules[r]
-                    W = lin.weight.detach().double()
-                    _check_weight(name, W)
-                    if name in fisher:
-                        stats[r].fisher = fisher.pop(name).to(W.device)
-                    pair = solver(W, stats[r], ranks[name], **config.method_options)
-                    if not all(torch.isfinite(t).all() for t in pair.tensors().values()):
-                        raise LrinferError(f"{name}: solver '{config.method}' produced NaN/Inf factors; "
-                                           "try more calibration samples or another method")
-                    pair = pair.to(lin.weight.dtype)
-                    factors[name] = pair
-                    originals[r] = replace_module(block, r, LowRankLinear.from_factors(pair, lin.bias))
-                    bar.set_postfix_str(r)
-        if dense_out is None:
-            with swapped_in(block, originals):
-                dense_out = run_block(block, streams.dense, calls)
-        comp_out = run_block(block, streams.compressed, calls) if originals else dense_out
-        num = sum(float((c - d).double().pow(2).sum()) for c, d in zip(comp_out, dense_out))
-        den = sum(float(d.double().pow(2).sum()) for d in dense_out)
-        hidden_error.append((num / max(den, 1e-300)) ** 0.5)
-        streams.dense, streams.compressed = dense_out, comp_out
-        del originals
+        streams = capture_inputs(model, blocks, calib_ids, config.batch_size, device)
+        factors: dict[str, FactorPair] = {}
+        hidden_error: list[float] = []
+        start = 0
+        if saved:
+            for name, pair in saved.factors.items():
+                lin = model.get_submodule(name)
+                replace_module(model, name, LowRankLinear.from_factors(pair.to(device), lin.bias))
+            factors.update(saved.factors)
+            hidden_error = saved.hidden_error
+            streams.dense = [t.to(device) for t in saved.dense]
+            streams.compressed = [t.to(device) for t in saved.compressed]
+            start = saved.next_block
+        bar = tqdm(range(len(blocks)), desc=f"compress ({config.method})", unit="block", initial=start,
+                   disable=not progress)
+        for i in range(start, len(blocks)):
+            rel = {f.name[len(f"{prefix}.{i}."):]: f.name for f in linears if f.block == i and f.name in ranks}
+            done = _compress_block(blocks[i], rel, streams, streams.calls[i], solver, config, ranks, fisher, bar)
+            factors.update(done)
+            hidden_error.append(_relative_error(streams.compressed, streams.dense))
+            if work:
+                work.save_block(i, done, ranks, hidden_error, streams.dense, streams.compressed)
+            bar.update(1)
+        bar.close()
     model.train(was_training)
     out_ranks = {n: [p.rank, p.rank2] for n, p in factors.items()}
     return CompressionResult(factors, out_ranks, linears, hidden_error, time.perf_counter() - t0)
 
+
+def _relative_error(approx: list[torch.Tensor], exact: list[torch.Tensor]) -> float:
+    """‖approx − exact‖_F / ‖exact‖_F over all batches."""
+    num = sum(float((a - e).double().pow(2).sum()) for a, e in zip(approx, exact))
+    den = sum(float(e.double().pow(2).sum()) for e in exact)
+    return (num / max(den, 1e-300)) ** 0.5
+
+
+def _compress_block(block, rel: dict[str, str], streams, calls, solver, config, ranks, fisher, bar
+                    ) -> dict[str, FactorPair]:
+    """Solve and patch the block's linears (`rel`: name in block -> qualified name), stage by stage,
+    then advance both streams through the block. Returns the block's factors."""
+    factors: dict[str, FactorPair] = {}
+    dense_out = None
+    originals: dict[str, nn.Module] = {}
+    if rel:
+        modules = {r: block.get_submodule(r) for r in rel}
+        stages = (linear_stages(block, modules, streams.compressed[0], calls[0])
+                  if solver.needs_compressed_stream else [list(rel)])
+        for stage in stages:
+            stats, out = collect_stats(block, stage, solver.needs, streams, calls, originals, rel)
+            dense_out = dense_out if dense_out is not None else out
+            for r in stage:
+                name, lin = rel[r], modules[r]
+                W = lin.weight.detach().double()
+                _check_weight(name, W)
+                if name in fisher:
+                    stats[r].fisher = fisher.pop(name).to(W.device)
+                pair = solver(W, stats[r], ranks[name], **config.method_options)
+                if not all(torch.isfinite(t).all() for t in pair.tensors().values()):
+                    raise LrinferError(f"{name}: solver '{config.method}' produced NaN/Inf factors; "
+                                       "try more calibration samples or another method")
+                pair = pair.to(lin.weight.dtype)
+                factors[name] = pair
+                originals[r] = replace_module(block, r, LowRankLinear.from_factors(pair, lin.bias))
+                bar.set_postfix_str(r)
+    if dense_out is None:
+        with swapped_in(block, originals):
+            dense_out = run_block(block, streams.dense, calls)
+    same = all(c is d for c, d in zip(streams.compressed, streams.dense))
+    comp_out = dense_out if (same and not originals) else run_block(block, streams.compressed, calls)
+    streams.dense, streams.compressed = dense_out, comp_out
+    return factors
