@@ -62,7 +62,10 @@ def build_parser() -> argparse.ArgumentParser:
 
     c = sub.add_parser("compress", help="compress a model and write a checkpoint directory")
     c.add_argument("--model", default=None, help="HF directory, .gguf file, hub id, or 'smollm2' (default)")
-    c.add_argument("--method", default=d["method"], choices=sorted(SOLVERS), help=f"solver (default {d['method']})")
+    c.add_argument("--method", default=d["method"], choices=sorted(SOLVERS) + ["auto"],
+                   help=f"solver (default {d['method']}); auto: search recipes on held-apart calibration text")
+    c.add_argument("--heldout", type=int, default=8,
+                   help="--method auto: held-apart calibration windows that score each recipe (default 8)")
     c.add_argument("--ratio", type=float, default=d["ratio"],
                    help=f"fraction of the linears' parameters removed, in (0, 1) (default {d['ratio']})")
     c.add_argument("--selection", default=None, choices=sorted(SELECTIONS),
@@ -133,8 +136,9 @@ def cmd_compress(args) -> dict:
 
     device, dtype = _setup(args)
     progress = not args.no_progress
+    auto = args.method == "auto"
     config = CompressConfig(
-        method=args.method, ratio=args.ratio, selection=args.selection, allocation=args.allocation,
+        method="svdllm" if auto else args.method, ratio=args.ratio, selection=args.selection, allocation=args.allocation,
         rank_multiple=args.rank_multiple, modules=args.modules.split(",") if args.modules else None,
         calib=args.calib, n_samples=args.samples, seq_len=args.calib_seq_len, seed=args.seed,
         batch_size=args.batch_size, method_options=_options(args.opt, "--opt"),
@@ -148,17 +152,34 @@ def cmd_compress(args) -> dict:
     extra = {}
     if not args.no_eval:
         extra["ppl_dense"] = _ppl(model, tok, args, data_dir, progress)
-    calib, calib_desc = calibration_batch(tok, config.calib, config.n_samples, config.seq_len, config.seed,
-                                          data_dir, model)
     dense_params = unique_params(model)
     work_dir = out.parent / f".{out.name}.work"
-    result = compress(model, config, calib, progress, work_dir=work_dir, resume=args.resume)
+    search = None
+    if auto:
+        from .data import calibration_split
+        from .recipe import apply_result
+        from .recipe import search as search_recipes
+        calib, heldout, calib_desc = calibration_split(tok, config.calib, config.n_samples, config.seq_len,
+                                                       args.heldout, config.seed, data_dir)
+        search = search_recipes(model, config, calib, heldout, work_dir=work_dir, resume=args.resume,
+                                progress=progress)
+        config, result = search.best.config(config), search.result
+        apply_result(model, result)
+        calib_desc += " (first 90%; recipes scored on the last 10%)"
+    else:
+        calib, calib_desc = calibration_batch(tok, config.calib, config.n_samples, config.seq_len, config.seed,
+                                              data_dir, model)
+        result = compress(model, config, calib, progress, work_dir=work_dir, resume=args.resume)
     report = compression_report(config, result, source, dense_params, unique_params(model), calib_desc)
     report.update(extra)
+    if search:
+        report["recipe_search"] = search.report()
     if not args.no_eval:
         report["ppl"] = _ppl(model, tok, args, data_dir, progress)
     qc = {"method": config.method, "ratio": config.ratio, "selection": config.selection,
           "allocation": config.allocation, "ranks": result.ranks, "config": config.to_dict()}
+    if search:
+        qc["recipe_search"] = {"chosen": search.best.label, "criterion": search.criterion}
     save_checkpoint(model, tok, out, qc, base_model=source, overwrite=args.overwrite)
     report["out"] = str(out)
     report["bytes_on_disk"] = dir_bytes(out)

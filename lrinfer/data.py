@@ -114,6 +114,24 @@ def calibration_batch(tokenizer, source: str, n_samples: int, seq_len: int, seed
     return torch.stack([ids[s:s + seq_len] for s in starts.tolist()]), desc
 
 
+def calibration_split(tokenizer, source: str, n_samples: int, seq_len: int, heldout: int, seed: int = 0,
+                      data_dir: Path | None = None) -> tuple[torch.Tensor, torch.Tensor, str]:
+    """Calibration windows [n_samples, seq_len] drawn at random from the first 90% of the text, and
+    `heldout` non-overlapping windows [heldout, seq_len] from the last 10%, for choosing between
+    recipes without touching any evaluation split."""
+    text, desc = load_text(source, "calib", data_dir)
+    ids = tokenize(tokenizer, text)
+    cut = int(ids.numel() * 0.9)
+    if cut < seq_len + 1 or (ids.numel() - cut) // seq_len < heldout:
+        raise LrinferError(f"{desc} has {ids.numel()} tokens: too few for {heldout} held-apart windows of "
+                           f"{seq_len} tokens in its last 10%; lower --heldout or --calib-seq-len")
+    gen = torch.Generator().manual_seed(seed)
+    starts = torch.randint(0, cut - seq_len, (n_samples,), generator=gen)
+    calib = torch.stack([ids[s:s + seq_len] for s in starts.tolist()])
+    held = ids[cut: cut + heldout * seq_len].view(heldout, seq_len)
+    return calib, held, desc
+
+
 @torch.no_grad()
 def self_generated(model, tokenizer, n_samples: int, seq_len: int, seed: int) -> torch.Tensor:
     """[n_samples, seq_len] tokens sampled from the model (temperature 1), starting from BOS/EOS."""

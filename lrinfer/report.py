@@ -58,15 +58,21 @@ def compression_report(config: CompressConfig, result: CompressionResult, model_
 def format_summary(report: dict) -> str:
     """A few human-readable lines."""
     p = report["params"]
+    final = report["hidden_error"]["final"]
     lines = [
         f"method {report['method']} ({report['selection']} layers, {report['allocation']} ranks), "
         f"target ratio {report['ratio']:.0%}, achieved {report['achieved_ratio']:.2%} of the linears",
         f"parameters: linears {p['linears_dense']:,} -> {p['linears_compressed']:,}; "
         f"model {p['model_dense']:,} -> {p['model_compressed']:,}",
         f"calibration: {report['calibration']['n_samples']} x {report['calibration']['seq_len']} tokens "
-        f"of {report['calibration']['source']}; final hidden-state error {report['hidden_error']['final']:.4f}; "
+        f"of {report['calibration']['source']}; final hidden-state error "
+        f"{'n/a' if final is None else f'{final:.4f}'}; "
         f"{report['compress_seconds']:.0f} s",
     ]
+    if "recipe_search" in report:
+        lines.append(f"recipe search ({report['recipe_search']['criterion']}):")
+        for t in sorted(report["recipe_search"]["trials"], key=lambda t: t["heldout_ppl"]):
+            lines.append(f"  {t['heldout_ppl']:10.3f}  {t['label']}")
     if "bytes_on_disk" in report:
         lines.append(f"on disk: {report['bytes_on_disk'] / 2**20:.1f} MiB in {report.get('out')}")
     for key, label in (("ppl_dense", "dense"), ("ppl", "compressed")):

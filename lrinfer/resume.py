@@ -35,7 +35,8 @@ def fingerprint(config: dict, calib_ids: torch.Tensor, linears) -> str:
     return h.hexdigest()
 
 
-def _save_tensors(tensors: dict[str, torch.Tensor], path: Path) -> None:
+def save_tensors(tensors: dict[str, torch.Tensor], path: Path) -> None:
+    """Write a safetensors file atomically (temp file, fsync, rename)."""
     from safetensors.torch import save_file
     tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
     save_file({k: v.detach().cpu().contiguous() for k, v in tensors.items()}, str(tmp))
@@ -98,13 +99,13 @@ class WorkDir:
                    hidden_error: list[float], dense: list[torch.Tensor], compressed: list[torch.Tensor]) -> None:
         """Record that `block` is done: its factors, then the streams after it, then the state."""
         if factors:
-            _save_tensors({f"{n}.{k}": v for n, p in factors.items() for k, v in p.tensors().items()},
+            save_tensors({f"{n}.{k}": v for n, p in factors.items() for k, v in p.tensors().items()},
                           self.path / f"block_{block:04d}.safetensors")
         streams_file = f"streams_{block + 1:04d}.safetensors"
         same = all(c is d for c, d in zip(compressed, dense))
         tensors = {f"dense.{b}": t for b, t in enumerate(dense)}
         tensors.update({f"compressed.{b}": (t.clone() if same else t) for b, t in enumerate(compressed)})
-        _save_tensors(tensors, self.path / streams_file)
+        save_tensors(tensors, self.path / streams_file)
         state = {"fingerprint": self.fingerprint, "next_block": block + 1, "ranks": ranks,
                  "hidden_error": hidden_error, "streams": streams_file, "batches": len(dense)}
         atomic_write_bytes(self.path / STATE, json.dumps(state).encode())

@@ -1,0 +1,164 @@
+"""Recipes: layer selection × rank allocation × solver, and a search that picks one on calibration text only.
+
+A recipe is a partial `CompressConfig`. `search` compresses a fresh copy of the dense model with each
+candidate and scores it by perplexity on a held-apart slice of the calibration text (never the
+evaluation split); the lowest wins. Each finished candidate is recorded in the work directory, so an
+interrupted search resumes where it stopped.
+"""
+from __future__ import annotations
+
+import copy
+import json
+import logging
+import time
+from dataclasses import dataclass, field, replace
+from pathlib import Path
+
+import torch
+from torch import nn
+
+from .checkpoint import atomic_write_bytes
+from .compress import CompressConfig, CompressionResult, compress
+from .errors import LrinferError
+from .evaluate import perplexity
+from .nn import LowRankLinear, replace_module
+from .resume import save_tensors
+
+log = logging.getLogger(__name__)
+
+
+@dataclass(frozen=True)
+class Recipe:
+    """Which layers (selection), how much rank each (allocation), how to solve (method)."""
+    method: str
+    selection: str = "all"
+    allocation: str = "uniform"
+    method_options: dict = field(default_factory=dict)
+    selection_options: dict = field(default_factory=dict)
+    allocation_options: dict = field(default_factory=dict)
+
+    @property
+    def label(self) -> str:
+        opts = lambda d: ",".join(f"{k}={v}" for k, v in sorted(d.items()))  # noqa: E731
+        parts = [self.method + (f"({opts(self.method_options)})" if self.method_options else ""),
+                 self.selection + (f"({opts(self.selection_options)})" if self.selection_options else ""),
+                 self.allocation + (f"({opts(self.allocation_options)})" if self.allocation_options else "")]
+        return " / ".join(parts)
+
+    def config(self, base: CompressConfig) -> CompressConfig:
+        return replace(base, method=self.method, selection=self.selection, allocation=self.allocation,
+                       method_options=dict(self.method_options), selection_options=dict(self.selection_options),
+                       allocation_options=dict(self.allocation_options))
+
+    def to_dict(self) -> dict:
+        return {"method": self.method, "selection": self.selection, "allocation": self.allocation,
+                "method_options": self.method_options, "selection_options": self.selection_options,
+                "allocation_options": self.allocation_options}
+
+
+def default_candidates() -> list[Recipe]:
+    """The stated search space: SVD-LLM as the reference, SAES with each selection × allocation,
+    ResSVD as published, and ResSVD's last-layer selection at three per-layer caps."""
+    out = [Recipe("svdllm"), Recipe("saes"), Recipe("saes", allocation="drank"), Recipe("ressvd", "last")]
+    for cap in (0.3, 0.45, 0.6):
+        out.append(Recipe("saes", "last", selection_options={"cap": cap}))
+    out.append(Recipe("saes", "last", "drank", selection_options={"cap": 0.45}))
+    return out
+
+
+@dataclass
+class SearchResult:
+    best: Recipe
+    result: CompressionResult          # the winner's compression (its factors)
+    trials: list[dict]                 # one per candidate: recipe, criterion, seconds
+    criterion: str
+
+    def report(self) -> dict:
+        return {"criterion": self.criterion, "chosen": self.best.to_dict(), "chosen_label": self.best.label,
+                "trials": self.trials}
+
+
+def _factors_state(result: CompressionResult) -> dict[str, torch.Tensor]:
+    return {f"{n}.{k}": v for n, p in result.factors.items() for k, v in p.tensors().items()}
+
+
+def search(dense: nn.Module, base: CompressConfig, calib_ids: torch.Tensor, heldout_ids: torch.Tensor,
+           candidates: list[Recipe] | None = None, work_dir: str | Path | None = None, resume: bool = False,
+           progress: bool = True) -> SearchResult:
+    """Try each candidate on a copy of `dense`; choose by perplexity on `heldout_ids` [h, T]
+    (calibration text held apart from `calib_ids`). `dense` is left unchanged; patch the winner with
+    `apply_result`. Trials are listed in candidate order."""
+    candidates = candidates or default_candidates()
+    if not candidates:
+        raise LrinferError("recipe search needs at least one candidate")
+    for c in candidates:            # validate every name before the long work
+        c.config(base)
+    work = Path(work_dir) if work_dir else None
+    trials_file = work / "trials.json" if work else None
+    done: dict[str, dict] = {}
+    if work and resume and trials_file.is_file():
+        done = {t["label"]: t for t in json.loads(trials_file.read_text())}
+    elif work:
+        work.mkdir(parents=True, exist_ok=True)
+        atomic_write_bytes(trials_file, b"[]")
+    trials, best = [], None
+    for i, cand in enumerate(candidates):
+        if cand.label in done:
+            trials.append(done[cand.label])
+            log.info("recipe %d/%d %s: done before (%.3f)", i + 1, len(candidates), cand.label,
+                     done[cand.label]["heldout_ppl"])
+            continue
+        log.info("recipe %d/%d: %s", i + 1, len(candidates), cand.label)
+        model = copy.deepcopy(dense)
+        t0 = time.perf_counter()
+        try:
+            result = compress(model, cand.config(base), calib_ids, progress,
+                              work_dir=(work / f"cand{i}") if work else None, resume=resume)
+        except LrinferError as e:
+            trials.append({"label": cand.label, "recipe": cand.to_dict(), "heldout_ppl": float("inf"),
+                           "error": str(e)})
+            continue
+        ppl = perplexity(model, heldout_ids, progress=progress)["ppl"]
+        trial = {"label": cand.label, "recipe": cand.to_dict(), "heldout_ppl": ppl,
+                 "hidden_error": result.hidden_error[-1], "seconds": round(time.perf_counter() - t0, 1)}
+        trials.append(trial)
+        if work:   # factors first, then the record that points at them
+            save_tensors(_factors_state(result), work / f"cand{i}.safetensors")
+            atomic_write_bytes(trials_file, json.dumps(trials, indent=2).encode())
+        if best is None or ppl < best[0]:
+            best = (ppl, cand, result)
+        del model
+    # A resumed winner that finished in an earlier run: reload its factors.
+    scored = [(t["heldout_ppl"], j) for j, t in enumerate(trials)]
+    ppl, j = min(scored)
+    if ppl == float("inf"):
+        raise LrinferError("every recipe failed: " + "; ".join(t.get("error", "") for t in trials))
+    winner = candidates[j]
+    if best is None or best[1] != winner:
+        result = _reload(dense, base, work / f"cand{j}.safetensors")
+        result.hidden_error = [trials[j]["hidden_error"]]
+    else:
+        result = best[2]
+    criterion = (f"WikiText-style perplexity on {heldout_ids.shape[0]} held-apart calibration windows "
+                 f"of {heldout_ids.shape[1]} tokens (never the evaluation split)")
+    return SearchResult(winner, result, trials, criterion)
+
+
+def _reload(dense, base, path: Path) -> CompressionResult:
+    from safetensors.torch import load_file
+
+    from .factors import FactorPair
+    from .models import compressible_linears
+    t = load_file(str(path))
+    names = {k.rsplit(".", 1)[0] for k in t}
+    factors = {n: FactorPair(t[f"{n}.U"], t[f"{n}.V"], t.get(f"{n}.U2"), t.get(f"{n}.V2")) for n in names}
+    ranks = {n: [p.rank, p.rank2] for n, p in factors.items()}
+    return CompressionResult(factors, ranks, compressible_linears(dense, base.modules), [], 0.0)
+
+
+def apply_result(model: nn.Module, result: CompressionResult) -> None:
+    """Patch `model` (dense) with the factors of a search result."""
+    for name, pair in result.factors.items():
+        lin = model.get_submodule(name)
+        replace_module(model, name, LowRankLinear.from_factors(pair.to(lin.weight.device), lin.bias))
+

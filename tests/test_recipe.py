@@ -1,0 +1,66 @@
+"""Recipe search (--method auto) on a tiny model: chosen on held-apart calibration text, recorded, reloadable."""
+import json
+
+import pytest
+import torch
+
+import lrinfer
+from lrinfer.cli import main
+from lrinfer.recipe import Recipe
+
+TEXT = ("A stitch in time saves nine. Actions speak louder than words. " * 3 +
+        "The early bird catches the worm; the second mouse gets the cheese. ") * 120
+
+
+@pytest.fixture(scope="module")
+def model_dir(tmp_path_factory):
+    from tokenizers import ByteLevelBPETokenizer
+    from transformers import LlamaConfig, LlamaForCausalLM, PreTrainedTokenizerFast
+    root = tmp_path_factory.mktemp("recipe")
+    bpe = ByteLevelBPETokenizer()
+    bpe.train_from_iterator([TEXT], vocab_size=300, min_frequency=1, special_tokens=["<s>"])
+    tok = PreTrainedTokenizerFast(tokenizer_object=bpe._tokenizer, bos_token="<s>", eos_token="<s>")
+    torch.manual_seed(0)
+    LlamaForCausalLM(LlamaConfig(hidden_size=64, intermediate_size=128, num_hidden_layers=4,
+                                 num_attention_heads=4, num_key_value_heads=2, vocab_size=len(tok),
+                                 max_position_embeddings=128)).save_pretrained(root / "model")
+    tok.save_pretrained(root / "model")
+    (root / "text.txt").write_text(TEXT)
+    return root
+
+
+def test_search_picks_lowest_heldout_and_composes(make_tiny):
+    dense = make_tiny(layers=4)
+    g = torch.Generator().manual_seed(0)
+    calib, held = torch.randint(0, 128, (8, 32), generator=g), torch.randint(0, 128, (4, 32), generator=g)
+    cands = [Recipe("svd"), Recipe("svdllm"), Recipe("saes", "last", "drank", selection_options={"k": 3})]
+    before = {k: v.clone() for k, v in dense.state_dict().items()}
+    res = lrinfer.search_recipes(dense, lrinfer.CompressConfig(ratio=0.2, batch_size=4), calib, held, cands,
+                                 progress=False)
+    assert all(torch.equal(v, dense.state_dict()[k]) for k, v in before.items())   # dense left alone
+    scores = [t["heldout_ppl"] for t in res.trials]
+    assert res.best == cands[scores.index(min(scores))]
+    # the third recipe composes all three stages: only the last 3 blocks, D-Rank ranks, SAES factors
+    composed = lrinfer.compress(make_tiny(layers=4), cands[2].config(lrinfer.CompressConfig(ratio=0.2, batch_size=4)),
+                                calib, progress=False)
+    assert {n.split(".")[2] for n in composed.ranks} == {"1", "2", "3"}
+    assert len({r[0] for n, r in composed.ranks.items() if n.endswith("q_proj")}) > 1   # non-uniform
+
+
+def test_cli_auto_records_choice_and_reloads(model_dir, tmp_path, capsys):
+    out = tmp_path / "auto"
+    args = ["compress", "--model", str(model_dir / "model"), "--method", "auto", "--ratio", "0.2",
+            "--calib", str(model_dir / "text.txt"), "--samples", "4", "--calib-seq-len", "32", "--heldout", "3",
+            "--batch-size", "4", "--out", str(out), "--no-eval", "--no-progress", "--json"]
+    assert main(args) == 0
+    report = json.loads((out / "report.json").read_text())
+    search = report["recipe_search"]
+    assert len(search["trials"]) == len(lrinfer.default_candidates())
+    assert "held-apart calibration" in search["criterion"]
+    best = min(search["trials"], key=lambda t: t["heldout_ppl"])
+    assert search["chosen_label"] == best["label"] and report["method"] == best["recipe"]["method"]
+    qc = json.loads((out / "config.json").read_text())["quantization_config"]
+    assert qc["recipe_search"]["chosen"] == best["label"]
+    assert qc["config"]["selection"] == best["recipe"]["selection"]
+    model, _ = lrinfer.load_checkpoint(out)
+    assert len(lrinfer.nn.lowrank_modules(model)) == len(report["ranks"])
