@@ -32,7 +32,7 @@ def _compress(tiny_dir, out, *extra):
     return main(["compress", "--model", str(tiny_dir / "model"), "--method", "svdllm", "--ratio", "0.3",
                  "--calib", str(tiny_dir / "text.txt"), "--samples", "4", "--calib-seq-len", "32",
                  "--data", str(tiny_dir / "text.txt"), "--seq-len", "32", "--windows", "3",
-                 "--out", str(out), "--no-progress", "--json", *extra])
+                 "--out", str(out), "--rank-multiple", "1", "--no-progress", "--json", *extra])
 
 
 def test_compress_eval_info(tiny_dir, tmp_path, capsys):
