@@ -41,7 +41,8 @@ def write(results: dict, stem: str) -> None:
     (OUT / f"{stem}.json").write_text(json.dumps(results, indent=2))
     runs = results["runs"]
     lines = [f"# Compression methods on SmolLM2-135M (WikiText-2 PPL, {results['eval']})", "",
-             f"Command: `{results['command']}`  ", f"Calibration: {results['calibration']}; host: {results['host']}",
+             *[f"Command: `{c}`  " for c in dict.fromkeys(r.get("command", results["command"]) for r in runs)],
+             f"Calibration: {results['calibration']}; host: {results['host']}",
              "", "| ratio | method | allocation | selection | achieved ratio | params (M) | compress s | PPL |",
              "|---|---|---|---|---|---|---|---|"]
     for r in runs:
@@ -107,14 +108,14 @@ def main(argv=None) -> None:
                    "allocation": alloc if method != "dense" else "-", "selection": sel,
                    "achieved_ratio": achieved, "seconds": seconds, "ppl": ppl,
                    "last_block_hidden_error": err, "model_params": sum(p.numel() for p in model.parameters()),
-                   "eval_seconds": time.perf_counter() - t0 - seconds}
+                   "eval_seconds": time.perf_counter() - t0 - seconds, "command": command}
             results["runs"].append(run)
             done.add((spec, run["ratio"]))
             print(json.dumps(run), flush=True)
             write(results, args.stem)
             del model
-    results["runs"].sort(key=lambda r: (r["ratio"], (args.methods.index(r["spec"]) if r["spec"] in args.methods
-                                                     else len(args.methods))))
+    order = DEFAULT_METHODS + [m for m in args.methods if m not in DEFAULT_METHODS]
+    results["runs"].sort(key=lambda r: (r["ratio"], order.index(r["spec"]) if r["spec"] in order else len(order)))
     write(results, args.stem)
 
 
