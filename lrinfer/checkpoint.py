@@ -285,6 +285,10 @@ def load_checkpoint(path: str | os.PathLike, device: str = "cpu", dtype: torch.d
     _check_tensors(path, model, tensors, manifest)
     model.load_state_dict(tensors, strict=False, assign=True)
     model.tie_weights()
+    empty = [k for k, v in model.state_dict(keep_vars=True).items() if v.device.type == "meta"]
+    if empty:   # an alias in the manifest named a tensor the model does not tie
+        raise CheckpointError(f"{path / WEIGHTS}: no data for {empty[:5]}{' ...' if len(empty) > 5 else ''} "
+                              f"(missing, and {MANIFEST} names them as aliases of tensors the model does not tie)")
     if dtype is not None:
         model.to(dtype)
     model.to(device).eval()

@@ -399,3 +399,12 @@ def test_remote_code_in_config_is_not_imported(ck, tmp_path):
     except lrinfer.CheckpointError as e:     # refusing is fine too; executing is not
         assert "\n" not in str(e)
     assert not marker.exists()
+
+
+def test_missing_factor_declared_as_an_alias(ck):
+    """An alias the model does not tie must not leave a parameter without data (a meta tensor)."""
+    rewrite_weights(ck, lambda t: t.pop(f"{FACTOR}.U"), declare_tensors=True)
+    man = read_json(ck, MANIFEST)
+    man["aliases"][f"{FACTOR}.U"] = "model.embed_tokens.weight"
+    write_json(ck, MANIFEST, man)
+    refused(ck, rf"no data for \['{FACTOR}\.U'\] .*aliases of tensors the model does not tie")
