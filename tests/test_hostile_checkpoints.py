@@ -145,19 +145,26 @@ def test_flipped_byte_in_config_is_a_checksum_error(ck):
 
 # ---------------------------------------------------------------------------------------- tensor checks
 
+def rank_of(path, name=FACTOR) -> int:
+    return read_json(path, MANIFEST)["ranks"][name][0]
+
+
 def test_factor_of_wrong_shape_for_its_rank(ck):
+    r = rank_of(ck)
     rewrite_weights(ck, lambda t: t.update({f"{FACTOR}.U": t[f"{FACTOR}.U"][:, :-1]}))
-    refused(ck, rf"'{FACTOR}\.U' has shape \[64, 15\], the model needs \[64, 16\]")
+    refused(ck, rf"'{FACTOR}\.U' has shape \[64, {r - 1}\], the model needs \[64, {r}\]")
 
 
 def test_factor_of_wrong_shape_also_declared_in_manifest(ck):
+    r = rank_of(ck)
     rewrite_weights(ck, lambda t: t.update({f"{FACTOR}.V": t[f"{FACTOR}.V"][:, :-1]}), declare_tensors=True)
-    refused(ck, rf"'{FACTOR}\.V' has shape \[64, 15\], the model needs \[64, 16\]")
+    refused(ck, rf"'{FACTOR}\.V' has shape \[64, {r - 1}\], the model needs \[64, {r}\]")
 
 
 def test_factor_of_wrong_dtype_against_manifest(ck):
+    r = rank_of(ck)
     rewrite_weights(ck, lambda t: t.update({f"{FACTOR}.U": t[f"{FACTOR}.U"].double()}))
-    refused(ck, rf"'{FACTOR}\.U' \(torch\.float64, \[64, 16\]\) does not match lrinfer\.json")
+    refused(ck, rf"'{FACTOR}\.U' \(torch\.float64, \[64, {r}\]\) does not match lrinfer\.json")
 
 
 def test_factor_of_wrong_dtype_also_declared_in_manifest(ck):
@@ -241,7 +248,7 @@ def test_rank_for_a_module_that_is_not_linear(ck):
 
 def test_manifest_and_config_ranks_differ(ck):
     cfg = read_json(ck, "config.json")
-    cfg["quantization_config"]["ranks"][FACTOR] = [8, 0]
+    cfg["quantization_config"]["ranks"][FACTOR] = [rank_of(ck) - 1, 0]
     write_json(ck, "config.json", cfg)
     reseal(ck)
     refused(ck, r"config\.json's quantization_config does not match lrinfer\.json", file=None)
