@@ -7,12 +7,16 @@ compute device. Forward hooks accumulate float64 per-linear statistics (`LinearS
 from __future__ import annotations
 
 import contextlib
+import logging
 from dataclasses import dataclass, field
 
 import torch
 from torch import nn
 
+from .errors import LrinferError
 from .nn import replace_module
+
+log = logging.getLogger(__name__)
 
 
 @dataclass
@@ -212,7 +216,17 @@ def collect_stats(block: nn.Module, stage: list[str], needs: frozenset, streams:
 
 def fisher_information(model: nn.Module, names: list[str], input_ids: torch.Tensor,
                        batch_size: int = 1) -> dict[str, torch.Tensor]:
-    """Σ over batches of (∂L/∂W)² [out, in] for each named linear (FWSVD), with L the LM loss."""
+    """Σ over batches of (∂L/∂W)² [out, in] for each named linear (FWSVD), with L the LM loss.
+
+    Half-precision models are back-propagated in float32 (and cast back, exactly): float16
+    gradients overflow on large activations."""
+    dtype = next(model.parameters()).dtype
+    if dtype in (torch.float16, torch.bfloat16):
+        model.float()
+        try:
+            return fisher_information(model, names, input_ids, batch_size)
+        finally:
+            model.to(dtype)
     device = next(model.parameters()).device
     params = {n: model.get_submodule(n).weight for n in names}
     flags = {p: p.requires_grad for p in model.parameters()}
@@ -227,6 +241,9 @@ def fisher_information(model: nn.Module, names: list[str], input_ids: torch.Tens
             model.zero_grad(set_to_none=True)
             model(input_ids=ids, labels=ids, use_cache=False).loss.backward()
             for n, p in params.items():
+                if not torch.isfinite(p.grad).all():
+                    raise LrinferError(f"Fisher information: the gradient of {n} is not finite; "
+                                       "check the model and calibration text")
                 fisher[n] += p.grad.double().pow(2).cpu()
     finally:
         model.zero_grad(set_to_none=True)

@@ -202,11 +202,11 @@ def _compress_block(block, rel: dict[str, str], streams, calls, solver, config, 
                 _check_weight(name, W)
                 if name in fisher:
                     stats[r].fisher = fisher.pop(name).to(W.device)
-                pair = solver(W, stats[r], ranks[name], **config.method_options)
+                pair = solver(W, stats[r], ranks[name], **config.method_options).to(lin.weight.dtype)
                 if not all(torch.isfinite(t).all() for t in pair.tensors().values()):
-                    raise LrinferError(f"{name}: solver '{config.method}' produced NaN/Inf factors; "
-                                       "try more calibration samples or another method")
-                pair = pair.to(lin.weight.dtype)
+                    raise LrinferError(f"{name}: solver '{config.method}' produced NaN/Inf factors in "
+                                       f"{lin.weight.dtype}; try more calibration samples, another method, "
+                                       "or float32")
                 factors[name] = pair
                 originals[r] = replace_module(block, r, LowRankLinear.from_factors(pair, lin.bias))
                 bar.set_postfix_str(r)

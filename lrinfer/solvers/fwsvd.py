@@ -17,11 +17,15 @@ terms, so the re-implementation's absolute 1e-5 would swamp them).
 """
 from __future__ import annotations
 
+import logging
+
 import torch
 
 from ..errors import LrinferError
 from ..factors import FactorPair
 from . import register_solver, split_sigma, truncated_svd
+
+log = logging.getLogger(__name__)
 
 
 @register_solver("fwsvd", needs=("fisher",), summary="Fisher-weighted SVD (row importance from Σ(∂L/∂W)²)")
@@ -43,8 +47,8 @@ def solve(W: torch.Tensor, stats, rank: int, *, axis: str = "out", eps: float = 
     imp = F.sum(1) if axis == "out" else F.sum(0)
     scale = float(imp.mean())
     if not scale > 0 or not torch.isfinite(imp).all():
-        raise LrinferError(f"fwsvd: {stats.name}: Fisher information is zero or not finite "
-                           "(no gradient reached this layer?)")
+        log.info("fwsvd: %s: Fisher information is zero or not finite; using the plain SVD of W", stats.name)
+        return FactorPair(*split_sigma(*truncated_svd(W, rank)))
     d = (imp + eps * scale).sqrt()
     if axis == "out":
         U, V = split_sigma(*truncated_svd(d[:, None] * W, rank))
