@@ -52,3 +52,27 @@ def smollm2():
     import lrinfer
     model, tok, source = lrinfer.load_model()
     return model, tok, source
+
+
+def save_tiny_hf_dir(root, text: str, layers: int = 2, hidden: int = 64, intermediate: int = 128):
+    """A random Llama and a byte-level BPE tokenizer trained on `text`, saved as a Hugging Face
+    directory `root/model`, with the text beside it in `root/text.txt`. Returns `root`."""
+    from tokenizers import ByteLevelBPETokenizer
+    from transformers import LlamaConfig, LlamaForCausalLM, PreTrainedTokenizerFast
+    bpe = ByteLevelBPETokenizer()
+    bpe.train_from_iterator([text], vocab_size=300, min_frequency=1, special_tokens=["<s>"])
+    tok = PreTrainedTokenizerFast(tokenizer_object=bpe._tokenizer, bos_token="<s>", eos_token="<s>")
+    torch.manual_seed(0)
+    model = LlamaForCausalLM(LlamaConfig(hidden_size=hidden, intermediate_size=intermediate,
+                                         num_hidden_layers=layers, num_attention_heads=4, num_key_value_heads=2,
+                                         vocab_size=len(tok), max_position_embeddings=256))
+    model.save_pretrained(root / "model")
+    tok.save_pretrained(root / "model")
+    (root / "text.txt").write_text(text)
+    return root
+
+
+@pytest.fixture(scope="session")
+def tiny_hf_dir():
+    """Factory: tiny_hf_dir(root, text, layers=..., hidden=..., intermediate=...)."""
+    return save_tiny_hf_dir

@@ -2,7 +2,6 @@
 import json
 
 import pytest
-import torch
 
 from lrinfer.cli import main
 
@@ -10,22 +9,8 @@ TEXT = ("The quick brown fox jumps over the lazy dog. " * 3 + "Pack my box with 
 
 
 @pytest.fixture(scope="module")
-def tiny_dir(tmp_path_factory):
-    """A tiny Llama + byte-level BPE tokenizer in a HF directory, and a text file."""
-    from tokenizers import ByteLevelBPETokenizer
-    from transformers import LlamaConfig, LlamaForCausalLM, PreTrainedTokenizerFast
-    root = tmp_path_factory.mktemp("cli")
-    bpe = ByteLevelBPETokenizer()
-    bpe.train_from_iterator([TEXT], vocab_size=300, min_frequency=1, special_tokens=["<s>"])
-    tok = PreTrainedTokenizerFast(tokenizer_object=bpe._tokenizer, bos_token="<s>", eos_token="<s>")
-    torch.manual_seed(0)
-    model = LlamaForCausalLM(LlamaConfig(hidden_size=64, intermediate_size=128, num_hidden_layers=2,
-                                         num_attention_heads=4, num_key_value_heads=2,
-                                         vocab_size=len(tok), max_position_embeddings=128))
-    model.save_pretrained(root / "model")
-    tok.save_pretrained(root / "model")
-    (root / "text.txt").write_text(TEXT)
-    return root
+def tiny_dir(tmp_path_factory, tiny_hf_dir):
+    return tiny_hf_dir(tmp_path_factory.mktemp("tiny_dir"), TEXT)
 
 
 def _compress(tiny_dir, out, *extra):

@@ -13,20 +13,8 @@ TEXT = ("A stitch in time saves nine. Actions speak louder than words. " * 3 +
 
 
 @pytest.fixture(scope="module")
-def model_dir(tmp_path_factory):
-    from tokenizers import ByteLevelBPETokenizer
-    from transformers import LlamaConfig, LlamaForCausalLM, PreTrainedTokenizerFast
-    root = tmp_path_factory.mktemp("recipe")
-    bpe = ByteLevelBPETokenizer()
-    bpe.train_from_iterator([TEXT], vocab_size=300, min_frequency=1, special_tokens=["<s>"])
-    tok = PreTrainedTokenizerFast(tokenizer_object=bpe._tokenizer, bos_token="<s>", eos_token="<s>")
-    torch.manual_seed(0)
-    LlamaForCausalLM(LlamaConfig(hidden_size=64, intermediate_size=128, num_hidden_layers=4,
-                                 num_attention_heads=4, num_key_value_heads=2, vocab_size=len(tok),
-                                 max_position_embeddings=128)).save_pretrained(root / "model")
-    tok.save_pretrained(root / "model")
-    (root / "text.txt").write_text(TEXT)
-    return root
+def model_dir(tmp_path_factory, tiny_hf_dir):
+    return tiny_hf_dir(tmp_path_factory.mktemp("model_dir"), TEXT, layers=4)
 
 
 def test_search_picks_lowest_heldout_and_composes(make_tiny):

@@ -15,21 +15,8 @@ TEXT = ("It was the best of times, it was the worst of times, it was the age of 
 
 
 @pytest.fixture(scope="module")
-def model_dir(tmp_path_factory):
-    from tokenizers import ByteLevelBPETokenizer
-    from transformers import LlamaConfig, LlamaForCausalLM, PreTrainedTokenizerFast
-    root = tmp_path_factory.mktemp("resume")
-    bpe = ByteLevelBPETokenizer()
-    bpe.train_from_iterator([TEXT], vocab_size=300, min_frequency=1, special_tokens=["<s>"])
-    tok = PreTrainedTokenizerFast(tokenizer_object=bpe._tokenizer, bos_token="<s>", eos_token="<s>")
-    torch.manual_seed(0)
-    model = LlamaForCausalLM(LlamaConfig(hidden_size=96, intermediate_size=256, num_hidden_layers=8,
-                                         num_attention_heads=4, num_key_value_heads=2,
-                                         vocab_size=len(tok), max_position_embeddings=256))
-    model.save_pretrained(root / "model")
-    tok.save_pretrained(root / "model")
-    (root / "text.txt").write_text(TEXT)
-    return root
+def model_dir(tmp_path_factory, tiny_hf_dir):
+    return tiny_hf_dir(tmp_path_factory.mktemp("model_dir"), TEXT, layers=8, hidden=96, intermediate=256)
 
 
 def _cmd(root, out, method, *extra):
