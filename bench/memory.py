@@ -218,6 +218,8 @@ def main(argv=None) -> None:
     import lrinfer
     work = Path(args.work)
     model, tok, source = lrinfer.load_model(args.model)
+    if getattr(model, "hf_quantizer", None) is not None:  # a GGUF file: weights are already dequantized
+        model.hf_quantizer.remove_quantization_config(model)
     calib = torch.randint(0, tok.vocab_size, (2, 64), generator=torch.Generator().manual_seed(0))  # svd ignores data
     t0 = time.perf_counter()
     dirs = make_checkpoints(model, args.ratios, work, calib, tok, base_model=source)

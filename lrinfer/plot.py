@@ -20,6 +20,8 @@ import logging
 from collections import defaultdict
 from pathlib import Path
 
+from .errors import LrinferError
+
 log = logging.getLogger(__name__)
 
 
@@ -60,9 +62,11 @@ def plot_ranks(manifest: dict, path: Path) -> Path:
         k = sum(rk) if isinstance(rk, (list, tuple)) else rk
         series[kind].append((block if block is not None else 0, k / full[name] if name in full else k))
     fig, ax = plt.subplots(figsize=(7, 4))
-    for kind in sorted(series):
+    styles = [("o", "-"), ("s", "--"), ("^", ":"), ("v", "-."), ("D", "-"), ("x", "--"), ("+", ":")]
+    for i, kind in enumerate(sorted(series)):  # overlapping kinds (equal shapes) stay visible
         pts = sorted(series[kind])
-        ax.plot([b for b, _ in pts], [f for _, f in pts], marker="o", ms=3, label=kind)
+        marker, ls = styles[i % len(styles)]
+        ax.plot([b for b, _ in pts], [f for _, f in pts], marker=marker, ls=ls, ms=4, mfc="none", label=kind)
     ax.set_xlabel("decoder block")
     ax.set_ylabel("kept rank / full rank" if full else "kept rank")
     ax.set_title(f"rank allocation: {manifest.get('method')} at ratio {manifest.get('ratio')}")
@@ -115,13 +119,16 @@ def plot_spectra(model, ranks: dict, layers: list[str], path: Path) -> Path:
 
 def read_results(file: str | Path) -> list[dict]:
     """Rows {method, ratio, ppl} from a JSON list or a {"runs": [...]} object."""
-    data = json.loads(Path(file).read_text())
+    try:
+        data = json.loads(Path(file).read_text())
+    except (OSError, json.JSONDecodeError) as e:
+        raise LrinferError(f"--results {file}: unreadable ({e})") from None
     rows = data.get("runs") if isinstance(data, dict) else data
     if not isinstance(rows, list):
-        raise ValueError(f"{file}: expected a JSON list of {{method, ratio, ppl}} or {{\"runs\": [...]}}")
+        raise LrinferError(f"{file}: expected a JSON list of {{method, ratio, ppl}} or {{\"runs\": [...]}}")
     bad = [r for r in rows if not {"method", "ratio", "ppl"} <= set(r)]
     if bad:
-        raise ValueError(f"{file}: rows need method, ratio and ppl; got {sorted(bad[0])}")
+        raise LrinferError(f"{file}: rows need method, ratio and ppl; got {sorted(bad[0])}")
     return rows
 
 
@@ -140,6 +147,8 @@ def plot_ppl(rows: list[dict], path: Path, title: str = "") -> Path:
         ax.plot([x for x, _ in pts], [y for _, y in pts], marker="o", label=label)
     if dense:
         ax.axhline(dense[0], color="k", ls="--", lw=1, label=f"dense ({dense[0]:.2f})")
+    ratios = [x for pts in series.values() for x, _ in pts]
+    ax.set_xlim(0, min(1.0, max(ratios, default=0.5) + 0.1))
     ax.set_yscale("log")
     ax.set_xlabel("compression ratio (fraction of linear parameters removed)")
     ax.set_ylabel("perplexity")
@@ -153,10 +162,13 @@ def plot_ppl(rows: list[dict], path: Path, title: str = "") -> Path:
 
 
 def _load_dense(spec: str | None):
-    """The dense model only (no tokenizer needed): a local HF directory, else `load_model(spec)`."""
+    """The dense model only (no tokenizer needed): a local HF directory, a directory holding one
+    .gguf file (what `base_model` records for GGUF sources), else `load_model(spec)`."""
     if spec and (Path(spec) / "config.json").is_file():
         from transformers import AutoModelForCausalLM
         return AutoModelForCausalLM.from_pretrained(spec)
+    if spec and Path(spec).is_dir() and len(ggufs := sorted(Path(spec).glob("*.gguf"))) == 1:
+        spec = str(ggufs[0])
     from .models import load_model
     return load_model(spec)[0]
 
@@ -178,7 +190,7 @@ def plot_checkpoint(path: str | Path, out: str | Path | None = None, results: st
         names = layers or default_layers(manifest["ranks"])
         unknown = [n for n in names if n not in manifest["ranks"]]
         if unknown:
-            raise ValueError(f"--layers: {unknown} are not compressed layers of {path}")
+            raise LrinferError(f"--layers: {unknown} are not compressed layers of {path}")
         try:
             dense = _load_dense(spec)
         except Exception as e:  # noqa: BLE001  (any load failure only skips this figure)

@@ -6,7 +6,8 @@ from pathlib import Path
 import pytest
 import torch
 
-_spec = importlib.util.spec_from_file_location("bench_memory", Path(__file__).resolve().parents[1] / "bench" / "memory.py")
+_BENCH = Path(__file__).resolve().parents[1] / "bench" / "memory.py"
+_spec = importlib.util.spec_from_file_location("bench_memory", _BENCH)
 bench_memory = importlib.util.module_from_spec(_spec)
 _spec.loader.exec_module(bench_memory)
 
