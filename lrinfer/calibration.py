@@ -150,15 +150,40 @@ def _slice_kwargs(kwargs: dict) -> dict:
     return {k: cut(v) for k, v in kwargs.items()}
 
 
+class _InputsSeen(Exception):
+    """Raised by a hook to stop a block's forward once every wanted input has been seen."""
+
+
+def run_for_inputs(block: nn.Module, hidden: torch.Tensor, call: BlockCall, modules: dict[str, nn.Module],
+                   fn, full: bool) -> torch.Tensor | None:
+    """Run the block on one batch, calling fn(name, x [tokens, in]) with each module's input.
+    Unless `full`, the forward stops as soon as every module has been reached (returns None)."""
+    seen: set[str] = set()
+
+    def hook(n, x):
+        fn(n, x)
+        seen.add(n)
+        if not full and len(seen) == len(modules):
+            raise _InputsSeen
+
+    with input_hooks(modules, hook):
+        try:
+            return _first_tensor(block(hidden, *call.args, **call.kwargs))
+        except _InputsSeen:
+            return None
+
+
 @torch.no_grad()
 def collect_stats(block: nn.Module, stage: list[str], needs: frozenset, streams: TwoStreams,
                   calls: list[BlockCall], dense_modules: dict[str, nn.Module],
-                  names: dict[str, str]) -> tuple[dict[str, LinearStats], list[torch.Tensor] | None]:
+                  names: dict[str, str], dense_outputs: bool = True
+                  ) -> tuple[dict[str, LinearStats], list[torch.Tensor] | None]:
     """Statistics of the linears in `stage` (names relative to `block`) over all batches.
 
     `dense_modules` are this block's already-compressed linears in dense form, swapped in for the
-    dense stream. `names` maps relative to qualified names. Returns the stats and, when a dense
-    forward ran, the dense stream's block outputs.
+    dense stream. `names` maps relative to qualified names. Returns the stats and, when
+    `dense_outputs` and a dense forward ran, the dense stream's block outputs; otherwise each
+    forward stops once the stage's inputs are seen.
     """
     stats = {n: LinearStats(names[n]) for n in stage}
     modules = {n: block.get_submodule(n) for n in stage}
@@ -201,15 +226,16 @@ def collect_stats(block: nn.Module, stage: list[str], needs: frozenset, streams:
         if "cross" in needs:
             s.add("cross", once(("cross", dense_x[n].data_ptr()) + key, lambda: dense_x[n].t() @ xh).clone())
 
-    dense_out = [] if want_dense else None
+    dense_out = [] if (want_dense and dense_outputs) else None
     for b in range(len(calls)):
         memo.clear()
         if want_dense:
-            with swapped_in(block, dense_modules), input_hooks(modules, on_dense):
-                dense_out.append(_first_tensor(block(streams.dense[b], *calls[b].args, **calls[b].kwargs)))
+            with swapped_in(block, dense_modules):
+                out = run_for_inputs(block, streams.dense[b], calls[b], modules, on_dense, dense_out is not None)
+            if dense_out is not None:
+                dense_out.append(out)
         if want_hat:
-            with input_hooks(modules, on_hat):
-                block(streams.compressed[b], *calls[b].args, **calls[b].kwargs)
+            run_for_inputs(block, streams.compressed[b], calls[b], modules, on_hat, full=False)
         dense_x.clear()
     return stats, dense_out
 

@@ -194,7 +194,8 @@ def _compress_block(block, rel: dict[str, str], streams, calls, solver, config, 
         stages = (linear_stages(block, modules, streams.compressed[0], calls[0])
                   if solver.needs_compressed_stream else [list(rel)])
         for stage in stages:
-            stats, out = collect_stats(block, stage, solver.needs, streams, calls, originals, rel)
+            stats, out = collect_stats(block, stage, solver.needs, streams, calls, originals, rel,
+                                       dense_outputs=dense_out is None)
             dense_out = dense_out if dense_out is not None else out
             for r in stage:
                 name, lin = rel[r], modules[r]
