@@ -12,6 +12,7 @@ from .evaluate import perplexity
 from .factors import FactorPair, rank_for_ratio
 from .models import compressible_linears, load_model
 from .nn import LowRankLinear, patch, unpatch
+from . import hf  # noqa: E402,F401  (registers quant_method "lrinfer" with transformers)
 from .recipe import Recipe, apply_result, default_candidates
 from .recipe import search as search_recipes
 

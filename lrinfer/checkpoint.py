@@ -201,10 +201,22 @@ def verify_files(path: Path, manifest: dict) -> None:
                                   "re-create or re-download the checkpoint")
 
 
+class _EmptyOnMeta(torch.overrides.TorchFunctionMode):
+    """`torch.empty` without an explicit device allocates on meta (how nn.Linear / nn.Embedding
+    create their weights); buffers computed by other ops (e.g. rotary inv_freq) stay real."""
+
+    def __torch_function__(self, func, types, args=(), kwargs=None):
+        kwargs = kwargs or {}
+        if func is torch.empty and kwargs.get("device") is None:
+            kwargs = {**kwargs, "device": "meta"}
+        return func(*args, **kwargs)
+
+
 @contextlib.contextmanager
 def params_on_meta():
     """Create every nn.Parameter on the meta device (buffers stay real), so building a model
-    never fills dense weights."""
+    never allocates dense weights: `torch.empty` defaults to meta, and any parameter still made
+    elsewhere is moved to meta when registered."""
     register = nn.Module.register_parameter
 
     def on_meta(self, name, param):
@@ -214,7 +226,8 @@ def params_on_meta():
 
     nn.Module.register_parameter = on_meta
     try:
-        yield
+        with _EmptyOnMeta():
+            yield
     finally:
         nn.Module.register_parameter = register
 

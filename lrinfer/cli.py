@@ -105,6 +105,9 @@ def build_parser() -> argparse.ArgumentParser:
     i.add_argument("dir")
     i.add_argument("--json", action="store_true")
     i.add_argument("--debug", action="store_true")
+
+    from . import plot
+    plot.add_parser(sub)
     return parser
 
 
@@ -243,9 +246,21 @@ def cmd_info(args) -> dict:
     return report
 
 
+def cmd_plot(args) -> dict:
+    from . import plot
+    _setup(args)
+    report = plot.run(args)
+    if not args.json:
+        for f in report["files"]:
+            print(f"wrote {f}")
+        for name, why in report["skipped"].items():
+            print(f"skipped {name}: {why}")
+    return report
+
+
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
-    handler = {"compress": cmd_compress, "eval": cmd_eval, "info": cmd_info}[args.command]
+    handler = {"compress": cmd_compress, "eval": cmd_eval, "info": cmd_info, "plot": cmd_plot}[args.command]
     try:
         report = handler(args)
     except (LrinferError, ImportError) as e:

@@ -107,9 +107,6 @@ def test_from_pretrained_never_allocates_dense_weights(compressed, monkeypatch):
     assert {s for _, s in rec.seen} == shapes
 
 
-@pytest.mark.xfail(not hasattr(lrinfer.checkpoint, "_EmptyOnMeta"), strict=True,
-                   reason="checkpoint.params_on_meta allocates each nn.Linear weight with torch.empty before "
-                          "moving it to meta (fixed by checkpoint._EmptyOnMeta)")
 def test_load_checkpoint_never_allocates_dense_weights(compressed):
     model, path, result = compressed
     with DenseAllocations(_dense_shapes(model, result.ranks)) as rec:
