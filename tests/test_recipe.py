@@ -52,3 +52,44 @@ def test_cli_auto_records_choice_and_reloads(model_dir, tmp_path, capsys):
     assert qc["config"]["selection"] == best["recipe"]["selection"]
     model, _ = lrinfer.load_checkpoint(out)
     assert len(lrinfer.nn.lowrank_modules(model)) == len(report["ranks"])
+
+
+def test_search_never_reads_evaluation_data(model_dir, tmp_path, monkeypatch, capsys):
+    import lrinfer.data as data
+    real_load = data.load_text
+
+    def calibration_only(source, purpose, data_dir=None):
+        if purpose != "calib":
+            raise AssertionError(f"the search read evaluation data ({source}, {purpose})")
+        return real_load(source, purpose, data_dir)
+    monkeypatch.setattr(data, "load_text", calibration_only)
+    monkeypatch.setattr(data, "eval_windows", lambda *a, **k: (_ for _ in ()).throw(AssertionError("eval read")))
+    empty = tmp_path / "no-data"          # no WikiText-2 test split anywhere it could look
+    empty.mkdir()
+    monkeypatch.setenv("LRINFER_DATA_DIR", str(empty))
+    assert main(["compress", "--model", str(model_dir / "model"), "--method", "auto", "--ratio", "0.2",
+                 "--calib", str(model_dir / "text.txt"), "--samples", "4", "--calib-seq-len", "32",
+                 "--heldout", "2", "--batch-size", "4", "--out", str(tmp_path / "o"), "--no-eval",
+                 "--no-progress", "--data-dir", str(empty)]) == 0
+
+
+def test_selection_keeps_costly_first_layers_dense(make_tiny):
+    """First two blocks full-rank (costly to cut), last two exactly low-rank (free to cut):
+    the held-apart criterion must prefer compressing only the last layers."""
+    torch.manual_seed(0)
+    dense = make_tiny(layers=4)
+    with torch.no_grad():
+        for i, layer in enumerate(dense.model.layers):
+            for lin in [m for m in layer.modules() if isinstance(m, torch.nn.Linear)]:
+                out_f, in_f = lin.weight.shape
+                if i >= 2:   # rank 4: any rank >= 4 reproduces it exactly
+                    lin.weight.copy_(torch.randn(out_f, 4) @ torch.randn(4, in_f) / in_f ** 0.5)
+                else:        # flat spectrum, large: every dropped direction costs
+                    lin.weight.copy_(torch.linalg.qr(torch.randn(max(out_f, in_f), max(out_f, in_f)))[0][:out_f, :in_f])
+    g = torch.Generator().manual_seed(0)
+    calib, held = torch.randint(0, 128, (8, 32), generator=g), torch.randint(0, 128, (4, 32), generator=g)
+    cands = [Recipe("svdllm"), Recipe("svdllm", "last", selection_options={"k": 2})]
+    res = lrinfer.search_recipes(dense, lrinfer.CompressConfig(ratio=0.2, batch_size=4, rank_multiple=1), calib,
+                                 held, cands, progress=False)
+    assert res.best == cands[1], res.trials
+    assert all(n.split(".")[2] in ("2", "3") for n in res.result.ranks)
