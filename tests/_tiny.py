@@ -34,3 +34,15 @@ def save_tiny_hf_dir(root, text: str, layers: int = 2, hidden: int = 64, interme
     tok.save_pretrained(root / "model")
     (root / "text.txt").write_text(text)
     return root
+
+
+def tiny_checkpoint(path, model=None, ratio: float = 0.3, seq_len: int = 32):
+    """Compress `model` (default: tiny_llama()) with plain SVD — no calibration statistics needed —
+    and save it to `path`. Returns (patched model, checkpoint path, CompressionResult)."""
+    import lrinfer
+    model = model if model is not None else tiny_llama()
+    ids = torch.randint(0, 128, (4, seq_len), generator=torch.Generator().manual_seed(0))
+    result = lrinfer.compress(model, lrinfer.CompressConfig(method="svd", ratio=ratio), ids, progress=False)
+    path = lrinfer.save_checkpoint(model, None, path, {"method": "svd", "ratio": ratio, "ranks": result.ranks},
+                                   base_model="tiny")
+    return model, path, result

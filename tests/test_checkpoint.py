@@ -3,7 +3,6 @@ import json
 import os
 
 import pytest
-import torch
 
 import lrinfer
 from lrinfer.checkpoint import MANIFEST, WEIGHTS, atomic_write_bytes, read_manifest

@@ -18,6 +18,8 @@ import lrinfer.hf
 from lrinfer.checkpoint import MANIFEST, WEIGHTS
 from lrinfer.nn import LowRankLinear, lowrank_modules
 
+from _tiny import tiny_checkpoint, tiny_llama
+
 REPO = Path(__file__).resolve().parents[1]
 # hidden 64, intermediate 96, vocab 160: the dense shapes of compressed linears ([64,64], [32,64],
 # [96,64], [64,96]) differ from every other tensor of the model (embeddings [160,64], norms [64])
@@ -25,20 +27,13 @@ SHAPES = dict(intermediate_size=96, vocab_size=160)
 
 
 def _tiny(**kw):
-    sys.path.insert(0, str(Path(__file__).parent))
-    from _tiny import tiny_llama
     return tiny_llama(**{**SHAPES, **kw})
 
 
 @pytest.fixture(scope="module")
 def compressed(tmp_path_factory):
     """(in-memory patched model, checkpoint dir, CompressionResult)."""
-    model = _tiny()
-    ids = torch.randint(0, 128, (4, 32), generator=torch.Generator().manual_seed(0))
-    result = lrinfer.compress(model, lrinfer.CompressConfig(method="svd", ratio=0.3), ids, progress=False)
-    path = lrinfer.save_checkpoint(model, None, tmp_path_factory.mktemp("hf") / "ck",
-                                   {"method": "svd", "ratio": 0.3, "ranks": result.ranks}, base_model="tiny")
-    return model, path, result
+    return tiny_checkpoint(tmp_path_factory.mktemp("hf") / "ck", _tiny())
 
 
 def _logits(model, ids):

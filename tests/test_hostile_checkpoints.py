@@ -15,7 +15,7 @@ import torch
 from safetensors.torch import load_file, save_file
 
 import lrinfer
-from _tiny import tiny_llama
+from _tiny import tiny_checkpoint
 from lrinfer.checkpoint import MANIFEST, WEIGHTS, sha256_file
 
 FACTOR = "model.layers.0.self_attn.q_proj"     # a compressed linear of the tiny model ([64, 64])
@@ -25,11 +25,7 @@ MLP = "model.layers.1.mlp.down_proj"           # [64, 128]
 @pytest.fixture(scope="module")
 def base(tmp_path_factory):
     """One valid checkpoint per module (plain svd at ratio 0.3: fast, no calibration statistics)."""
-    model = tiny_llama()
-    ids = torch.randint(0, 128, (4, 16), generator=torch.Generator().manual_seed(0))
-    result = lrinfer.compress(model, lrinfer.CompressConfig(method="svd", ratio=0.3), ids, progress=False)
-    path = lrinfer.save_checkpoint(model, None, tmp_path_factory.mktemp("hostile") / "base",
-                                   {"method": "svd", "ratio": 0.3, "ranks": result.ranks}, base_model="tiny")
+    _, path, result = tiny_checkpoint(tmp_path_factory.mktemp("hostile") / "base", seq_len=16)
     return path, result.ranks
 
 
