@@ -106,11 +106,17 @@ def plot_spectra(model, ranks: dict, layers: list[str], path: Path) -> Path:
         k = sum(rk) if isinstance(rk, (list, tuple)) else rk
         line, = ax.semilogy(range(1, len(s) + 1), s, label=f"{name} (k={k}/{len(s)})")
         ax.axvline(k, color=line.get_color(), ls="--", lw=1)
-    ax.set_xlabel("index i")
-    ax.set_ylabel("σ_i / σ_1 (dense weight)")
-    ax.set_title("singular values; dashed: kept rank")
+    return _finish(fig, ax, path, "index i", "σ_i / σ_1 (dense weight)", "singular values; dashed: kept rank", 7)
+
+
+def _finish(fig, ax, path, xlabel: str, ylabel: str, title: str, legend_size: int):
+    """Label, grid, legend, save as PNG and close; returns `path`."""
+    plt = _pyplot()
+    ax.set_xlabel(xlabel)
+    ax.set_ylabel(ylabel)
+    ax.set_title(title)
     ax.grid(alpha=0.3, which="both")
-    ax.legend(fontsize=7)
+    ax.legend(fontsize=legend_size)
     fig.tight_layout()
     fig.savefig(path, dpi=110)
     plt.close(fig)
@@ -150,15 +156,8 @@ def plot_ppl(rows: list[dict], path: Path, title: str = "") -> Path:
     ratios = [x for pts in series.values() for x, _ in pts]
     ax.set_xlim(0, min(1.0, max(ratios, default=0.5) + 0.1))
     ax.set_yscale("log")
-    ax.set_xlabel("compression ratio (fraction of linear parameters removed)")
-    ax.set_ylabel("perplexity")
-    ax.set_title(title or "perplexity vs ratio")
-    ax.grid(alpha=0.3, which="both")
-    ax.legend(fontsize=8)
-    fig.tight_layout()
-    fig.savefig(path, dpi=110)
-    plt.close(fig)
-    return path
+    return _finish(fig, ax, path, "compression ratio (fraction of linear parameters removed)", "perplexity",
+                   title or "perplexity vs ratio", 8)
 
 
 def _load_dense(spec: str | None):

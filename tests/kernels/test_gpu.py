@@ -68,6 +68,18 @@ def test_op_dispatch_3d_noncontiguous(M):
     assert_close(y, ref64(x, V, U, b, V2, U2), dtype)
 
 
+def _capture_replay_and_check(x, V, U, b, dtype):
+    """Capture one call in a CUDA graph, replay it on fresh inputs, compare with float64."""
+    g = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(g):
+        y = K.lowrank_linear(x, V, U, b)
+    for _ in range(3):
+        x.copy_(torch.randn_like(x))
+        g.replay()
+        torch.cuda.synchronize()
+        assert_close(y, ref64(x, V, U, b), dtype)
+
+
 def test_cuda_graph_capture_replay():
     dtype = torch.bfloat16
     x, V, U, b, V2, U2 = make_case(1, 1024, 768, 200, 0, dtype, True, device="cuda")
@@ -77,14 +89,7 @@ def test_cuda_graph_capture_replay():
         for _ in range(2):
             K.lowrank_linear(x, V, U, b)
     torch.cuda.current_stream().wait_stream(s)
-    g = torch.cuda.CUDAGraph()
-    with torch.cuda.graph(g):
-        y = K.lowrank_linear(x, V, U, b)
-    for _ in range(3):
-        x.copy_(torch.randn_like(x))
-        g.replay()
-        torch.cuda.synchronize()
-        assert_close(y, ref64(x, V, U, b), dtype)
+    _capture_replay_and_check(x, V, U, b, dtype)
 
 
 def test_cuda_graph_capture_cold_workspace():
@@ -92,14 +97,7 @@ def test_cuda_graph_capture_cold_workspace():
     dtype = torch.float16
     x, V, U, b, _, _ = make_case(2, 640, 320, 48, 0, dtype, True, device="cuda")
     K.lowrank_linear(x, V, U, b)  # compile kernels on the default stream
-    g = torch.cuda.CUDAGraph()
-    with torch.cuda.graph(g):
-        y = K.lowrank_linear(x, V, U, b)
-    for _ in range(3):
-        x.copy_(torch.randn_like(x))
-        g.replay()
-        torch.cuda.synchronize()
-        assert_close(y, ref64(x, V, U, b), dtype)
+    _capture_replay_and_check(x, V, U, b, dtype)
 
 
 def test_torch_compile_cuda():
