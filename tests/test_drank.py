@@ -3,7 +3,7 @@ import pytest
 import torch
 
 from lrinfer.allocation import achieved_ratio, effective_rank, get_allocator
-from lrinfer.allocators.drank import lagrange_ranks, rebalance_attention
+from lrinfer.allocators.drank import lagrange_ranks, rebalance_attention, tail_energy
 from lrinfer.errors import LrinferError
 from lrinfer.models import LinearInfo
 
@@ -50,11 +50,33 @@ def test_budget_respected(ratio, multiple):
 def test_higher_effective_rank_gets_more_rank():
     lins = _linears(6)
     spectra = _spectra(lins, seed=1)
-    ranks = drank(lins, 0.4, 1, spectra, tax=0.0)
+    ranks = drank(lins, 0.4, 1, spectra, tax=0.0, fallback=False)
     for kind in ("o_proj", "gate_proj", "down_proj", "q_proj"):
         fs = sorted((f for f in lins if f.kind == kind), key=lambda f: effective_rank(spectra[f.name]))
         rs = [ranks[f.name] for f in fs]
         assert rs == sorted(rs) and rs[-1] > rs[0]
+
+
+def test_official_fallback_to_uniform():
+    """fallback=True: gate_proj always uniform; o/up/down uniform unless dynamic lowers the tail
+    energy; q/k/v keep dynamic ranks."""
+    lins = _linears(6)
+    spectra = _spectra(lins, seed=1)
+    dyn = drank(lins, 0.4, 1, spectra, tax=0.0, fallback=False)
+    ranks = drank(lins, 0.4, 1, spectra, tax=0.0)
+    gates = [ranks[f.name] for f in lins if f.kind == "gate_proj"]
+    assert max(gates) - min(gates) <= 1                       # uniform (up to the integer repair)
+    assert [ranks[f.name] for f in lins if f.kind == "q_proj"] == [dyn[f.name] for f in lins if f.kind == "q_proj"]
+    for kind in ("o_proj", "up_proj", "down_proj"):
+        fs = [f for f in lins if f.kind == kind]
+        spread = max(ranks[f.name] for f in fs) - min(ranks[f.name] for f in fs)
+        dyn_tail = tail_energy({f.name: dyn[f.name] for f in fs}, spectra)
+        uni_tail = tail_energy({f.name: 0.6 * f.dense_params / (f.in_features + f.out_features) for f in fs},
+                               spectra)
+        if dyn_tail >= uni_tail:
+            assert spread <= 1, kind                          # fell back to uniform
+        else:
+            assert sum(abs(ranks[f.name] - dyn[f.name]) for f in fs) <= len(fs), kind
 
 
 def test_lagrange_closed_form():

@@ -122,13 +122,25 @@ def round_to_budget(k: dict[str, float], w: dict[str, int], kmax: dict[str, int]
     return r
 
 
+ATTENTION_QKV = ("q_proj", "k_proj", "v_proj")
+
+
+def tail_energy(ranks: dict[str, float], spectra) -> float:
+    """Σ over linears of the whitened energy a rank-⌊k⌋ truncation drops: Σ_{i>k} σ_i²."""
+    return sum(float(spectra[n][int(k):].double().pow(2).sum()) for n, k in ranks.items())
+
+
 @register_allocator("drank", needs_spectra=True,
                     summary="D-Rank: effective-rank Lagrange allocation per matrix type, Q/K→V rebalancing")
-def allocate(linears, ratio: float, multiple: int, spectra, *, tax: float | None = None) -> dict[str, int]:
+def allocate(linears, ratio: float, multiple: int, spectra, *, tax: float | None = None,
+             fallback: bool = True) -> dict[str, int]:
     """linears: selected LinearInfo; ratio: fraction to remove within them; spectra[name]: σ(W·L).
 
     Returns {name: rank}; Σ rank·(in+out) ≤ (1 − ratio)·Σ in·out (see the module doc for the steps).
     tax=None: 0.2 for multi-head attention, 0.1 when v_proj is narrower than q_proj (GQA).
+    fallback=True follows the official code: o/gate/up/down keep the dynamic ranks only when they
+    lower the type's whitened tail energy Σ_{i>k} σ_i² below uniform ranks (gate_proj never);
+    q/k/v always keep them. fallback=False: dynamic for every type.
     """
     if spectra is None:
         raise LrinferError("drank: needs the whitened singular values of every linear (spectra)")
@@ -151,7 +163,12 @@ def allocate(linears, ratio: float, multiple: int, spectra, *, tax: float | None
     for fs in by_kind.values():
         names = [f.name for f in fs]
         budget = (1.0 - ratio) * sum(f.dense_params for f in fs)
-        k.update(lagrange_ranks({n: reff[n] for n in names}, w, kmax, budget))
+        dynamic = lagrange_ranks({n: reff[n] for n in names}, w, kmax, budget)
+        if fallback and fs[0].kind not in ATTENTION_QKV:
+            uniform = {f.name: (1.0 - ratio) * f.dense_params / w[f.name] for f in fs}
+            if fs[0].kind == "gate_proj" or tail_energy(dynamic, spectra) >= tail_energy(uniform, spectra):
+                dynamic = uniform
+        k.update(dynamic)
 
     if tax is None:
         q_out = [f.out_features for f in linears if f.kind == "q_proj"]
