@@ -69,6 +69,18 @@ class FactorPair:
         return out
 
 
+def flatten_factors(factors: dict[str, "FactorPair"]) -> dict[str, torch.Tensor]:
+    """{name: FactorPair} -> {"name.U": U, "name.V": V, ...}, the names a state dict uses."""
+    return {f"{n}.{k}": v for n, p in factors.items() for k, v in p.tensors().items()}
+
+
+def unflatten_factors(tensors: dict[str, torch.Tensor]) -> dict[str, "FactorPair"]:
+    """The inverse of `flatten_factors`."""
+    names = {k.rsplit(".", 1)[0] for k in tensors}
+    return {n: FactorPair(tensors[f"{n}.U"], tensors[f"{n}.V"], tensors.get(f"{n}.U2"), tensors.get(f"{n}.V2"))
+            for n in names}
+
+
 def rank_for_ratio(in_features: int, out_features: int, ratio: float, multiple: int = 1) -> int:
     """Rank k with k·(in+out) ≈ (1−ratio)·in·out, rounded to the nearest `multiple`, within [1, min(in, out)].
 

@@ -21,6 +21,7 @@ from .checkpoint import atomic_write_bytes
 from .compress import CompressConfig, CompressionResult, compress
 from .errors import LrinferError
 from .evaluate import perplexity
+from .factors import flatten_factors, unflatten_factors
 from .nn import LowRankLinear, replace_module
 from .resume import save_tensors
 
@@ -78,10 +79,6 @@ class SearchResult:
                 "trials": self.trials}
 
 
-def _factors_state(result: CompressionResult) -> dict[str, torch.Tensor]:
-    return {f"{n}.{k}": v for n, p in result.factors.items() for k, v in p.tensors().items()}
-
-
 def search(dense: nn.Module, base: CompressConfig, calib_ids: torch.Tensor, heldout_ids: torch.Tensor,
            candidates: list[Recipe] | None = None, work_dir: str | Path | None = None, resume: bool = False,
            progress: bool = True) -> SearchResult:
@@ -123,7 +120,7 @@ def search(dense: nn.Module, base: CompressConfig, calib_ids: torch.Tensor, held
                  "hidden_error": result.hidden_error[-1], "seconds": round(time.perf_counter() - t0, 1)}
         trials.append(trial)
         if work:   # factors first, then the record that points at them
-            save_tensors(_factors_state(result), work / f"cand{i}.safetensors")
+            save_tensors(flatten_factors(result.factors), work / f"cand{i}.safetensors")
             atomic_write_bytes(trials_file, json.dumps(trials, indent=2).encode())
         if best is None or ppl < best[0]:
             best = (ppl, cand, result)
@@ -147,11 +144,8 @@ def search(dense: nn.Module, base: CompressConfig, calib_ids: torch.Tensor, held
 def _reload(dense, base, path: Path) -> CompressionResult:
     from safetensors.torch import load_file
 
-    from .factors import FactorPair
     from .models import compressible_linears
-    t = load_file(str(path))
-    names = {k.rsplit(".", 1)[0] for k in t}
-    factors = {n: FactorPair(t[f"{n}.U"], t[f"{n}.V"], t.get(f"{n}.U2"), t.get(f"{n}.V2")) for n in names}
+    factors = unflatten_factors(load_file(str(path)))
     ranks = {n: [p.rank, p.rank2] for n, p in factors.items()}
     return CompressionResult(factors, ranks, compressible_linears(dense, base.modules), [], 0.0)
 
