@@ -1,19 +1,27 @@
 """WikiText-2 perplexity of every compression method on the packaged SmolLM2-135M (CPU is fine).
 
-    python bench/methods_table.py                       # ratios 0.2 0.4, all methods
+    python bench/methods_table.py --windows 64 --ratios 0.2 0.4 0.6       # all methods
     python bench/methods_table.py --ratios 0.2 --methods svdllm saes+drank
+    python bench/methods_table.py --ratios 0.2 0.4 --tasks piqa --task-methods dense svdllm saes
 
-A method is `solver[+allocation][@selection]` (e.g. `svdllm+drank`, `svdllm@last` = ResSVD's
-partial-layer selection with plain SVD-LLM). Calibration: 32 × 512 WikiText-2 train tokens
-(seed 0); evaluation: 16 windows × 512 of WikiText-2 test. Each run starts from a deep copy of
-the dense model. Results are written after every run to bench/results/methods_smollm2.json|md
-(runs already there are skipped unless --fresh).
+A method is `solver[+allocation][@selection[:key=value,...]]` (e.g. `svdllm+drank`, `saes@last:cap=0.45`
+= SAES on ResSVD's last-layer selection with a per-layer cap of 45%). Calibration: 32 × 512 tokens of WikiText-2
+valid.txt (seed 0); evaluation: WikiText-2 raw test, `--windows` × 512 tokens, and optionally
+lm-eval zero-shot tasks (`--tasks piqa`, full split) for the `--task-methods`. Each run starts
+from a deep copy of the dense model. Results are written after every run to
+bench/results/<stem>.json|md; runs already there are skipped unless --fresh.
+
+Several copies of the same command may run at once (one per core): each claims the next
+(method, ratio) not yet done or claimed, and results are merged under a file lock.
 """
 from __future__ import annotations
 
 import argparse
+import contextlib
 import copy
+import fcntl
 import json
+import os
 import platform
 import shlex
 import sys
@@ -24,16 +32,19 @@ import torch
 
 import lrinfer
 from lrinfer.allocation import achieved_ratio
+from lrinfer.zeroshot import evaluate_tasks
 
 DEFAULT_METHODS = ["dense", "svd", "fwsvd", "asvd", "svdllm", "ressvd", "saes", "svdllm+drank", "saes+drank"]
 OUT = Path(__file__).parent / "results"
 
 
-def parse_method(spec: str) -> tuple[str, str, str | None]:
-    """'saes+drank@last' -> ('saes', 'drank', 'last')."""
+def parse_method(spec: str) -> tuple[str, str, str | None, dict]:
+    """'saes+drank@last:cap=0.45' -> ('saes', 'drank', 'last', {'cap': 0.45})."""
     spec, _, selection = spec.partition("@")
+    selection, _, opts = selection.partition(":")
     method, _, alloc = spec.partition("+")
-    return method, alloc or "uniform", selection or None
+    options = {k: float(v) for k, v in (kv.split("=") for kv in opts.split(",") if kv)}
+    return method, alloc or "uniform", selection or None, options
 
 
 def write(results: dict, stem: str) -> None:
@@ -43,13 +54,63 @@ def write(results: dict, stem: str) -> None:
     lines = [f"# Compression methods on SmolLM2-135M (WikiText-2 PPL, {results['eval']})", "",
              *[f"Command: `{c}`  " for c in dict.fromkeys(r.get("command", results["command"]) for r in runs)],
              f"Calibration: {results['calibration']}; host: {results['host']}",
-             "", "| ratio | method | allocation | selection | achieved ratio | params (M) | compress s | PPL |",
-             "|---|---|---|---|---|---|---|---|"]
+             "", "| ratio | method | allocation | selection | achieved ratio | params (M) | compress s | PPL "
+                 "| PIQA acc | PIQA acc_norm |",
+             "|---|---|---|---|---|---|---|---|---|---|"]
+
+    def acc(r, key):
+        t = r.get("tasks", {}).get("piqa")
+        return f"{t[key]:.4f} ± {t[key + '_stderr']:.4f}" if t else ""
+
     for r in runs:
         lines.append(f"| {r['ratio']:.1f} | {r['method']} | {r['allocation']} | {r['selection']} | "
                      f"{r['achieved_ratio']:.3f} | {r['model_params'] / 1e6:.1f} | {r['seconds']:.0f} | "
-                     f"{r['ppl']:.4g} |")
+                     f"{r['ppl']:.4g} | {acc(r, 'acc')} | {acc(r, 'acc_norm')} |")
     (OUT / f"{stem}.md").write_text("\n".join(lines) + "\n")
+
+
+ORDER_KEY = lambda r: (r["ratio"], DEFAULT_METHODS.index(r["spec"]) if r["spec"] in DEFAULT_METHODS  # noqa: E731
+                       else len(DEFAULT_METHODS), r["spec"])
+
+
+@contextlib.contextmanager
+def locked(stem: str):
+    """Hold an exclusive lock on <stem>'s results while reading and rewriting them."""
+    OUT.mkdir(parents=True, exist_ok=True)
+    with open(OUT / f".{stem}.lock", "w") as f:
+        fcntl.flock(f, fcntl.LOCK_EX)
+        try:
+            yield
+        finally:
+            fcntl.flock(f, fcntl.LOCK_UN)
+
+
+def load_runs(stem: str) -> list[dict]:
+    path = OUT / f"{stem}.json"
+    return json.loads(path.read_text())["runs"] if path.exists() else []
+
+
+def claim(stem: str, spec: str, ratio: float) -> bool:
+    """True if this process gets (spec, ratio): not done, and no live process holds its claim file."""
+    claims = OUT / f".{stem}.claims"
+    claims.mkdir(exist_ok=True)
+    with locked(stem):
+        if any(r["spec"] == spec and r["ratio"] == ratio for r in load_runs(stem)):
+            return False
+        f = claims / f"{spec}@{ratio}"
+        if f.exists():
+            with contextlib.suppress(ValueError, OSError):
+                os.kill(int(f.read_text()), 0)     # the holder is alive
+                return False
+        f.write_text(str(os.getpid()))
+        return True
+
+
+def record(stem: str, header: dict, run: dict) -> None:
+    with locked(stem):
+        runs = [r for r in load_runs(stem) if (r["spec"], r["ratio"]) != (run["spec"], run["ratio"])] + [run]
+        write({**header, "runs": sorted(runs, key=ORDER_KEY)}, stem)
+        (OUT / f".{stem}.claims" / f"{run['spec']}@{run['ratio']}").unlink(missing_ok=True)
 
 
 def main(argv=None) -> None:
@@ -59,8 +120,14 @@ def main(argv=None) -> None:
     ap.add_argument("--n-samples", type=int, default=32)
     ap.add_argument("--seq-len", type=int, default=512)
     ap.add_argument("--windows", type=int, default=16)
+    ap.add_argument("--tasks", nargs="*", default=[], help="lm-eval zero-shot tasks (e.g. piqa), full split")
+    ap.add_argument("--task-methods", nargs="+", default=None,
+                    help="methods that also get --tasks (default: all)")
+    ap.add_argument("--task-batch-size", type=int, default=8)
+    ap.add_argument("--task-limit", type=int, default=None, help="first N questions only (a quick check)")
     ap.add_argument("--stem", default="methods_smollm2")
-    ap.add_argument("--fresh", action="store_true", help="ignore runs already in the JSON")
+    ap.add_argument("--fresh", action="store_true",
+                    help="start over: drop the runs already in the JSON (give it to the first copy only)")
     ap.add_argument("--compress-threads", type=int, default=1,
                     help="torch threads while compressing (small SVDs/Cholesky scale badly on a shared CPU); "
                          "evaluation uses torch's default")
@@ -74,26 +141,29 @@ def main(argv=None) -> None:
     calib, calib_desc = lrinfer.calibration_batch(tok, "wikitext2", args.n_samples, args.seq_len, seed=0,
                                                   data_dir=data_dir)
     windows, eval_desc = lrinfer.eval_windows(tok, "wikitext2", args.seq_len, args.windows, data_dir)
-    path = OUT / f"{args.stem}.json"
-    old = json.loads(path.read_text()) if path.exists() and not args.fresh else {"runs": []}
-    results = {"model": source, "command": command, "calibration": f"{calib_desc}, {tuple(calib.shape)}, seed 0",
-               "eval": f"{eval_desc}, {tuple(windows.shape)}", "torch": torch.__version__,
-               "host": f"{platform.machine()} CPU (shared), compress {args.compress_threads} thread(s), "
-                       f"eval {torch.get_num_threads()}", "runs": old["runs"]}
-    done = {(r["spec"], r["ratio"]) for r in results["runs"]}
+    if args.fresh:
+        with locked(args.stem):
+            (OUT / f"{args.stem}.json").unlink(missing_ok=True)
+    header = {"model": source, "command": command, "calibration": f"{calib_desc}, {tuple(calib.shape)}, seed 0",
+              "eval": f"{eval_desc}, {tuple(windows.shape)}", "torch": torch.__version__,
+              "host": f"{platform.machine()} CPU (shared), compress {args.compress_threads} thread(s), "
+                      f"eval {torch.get_num_threads()}"}
+    task_methods = set(args.task_methods or args.methods)
 
     for ratio in args.ratios:
         for spec in args.methods:
-            if (spec, ratio) in done or (spec == "dense" and any(s == "dense" for s, _ in done)):
+            method, alloc, selection, sel_options = parse_method(spec)
+            run_ratio = 0.0 if method == "dense" else ratio
+            if not claim(args.stem, spec, run_ratio):
                 continue
             model = copy.deepcopy(dense)
-            method, alloc, selection = parse_method(spec)
             t0 = time.perf_counter()
             if method == "dense":
                 achieved, sel, seconds, err = 0.0, "-", 0.0, 0.0
             else:
                 cfg = lrinfer.CompressConfig(method=method, ratio=ratio, allocation=alloc, selection=selection,
-                                             n_samples=args.n_samples, seq_len=args.seq_len)
+                                             selection_options=sel_options, n_samples=args.n_samples,
+                                             seq_len=args.seq_len)
                 threads = torch.get_num_threads()
                 torch.set_num_threads(args.compress_threads)
                 try:
@@ -104,19 +174,19 @@ def main(argv=None) -> None:
                 achieved = achieved_ratio(res.linears, {n: sum(k) for n, k in res.ranks.items()})
                 sel, err = cfg.selection, res.hidden_error[-1]
             ppl = lrinfer.perplexity(model, windows, progress=False)["ppl"]
-            run = {"spec": spec, "ratio": 0.0 if method == "dense" else ratio, "method": method,
+            run = {"spec": spec, "ratio": run_ratio, "method": method,
                    "allocation": alloc if method != "dense" else "-", "selection": sel,
                    "achieved_ratio": achieved, "seconds": seconds, "ppl": ppl,
                    "last_block_hidden_error": err, "model_params": sum(p.numel() for p in model.parameters()),
                    "eval_seconds": time.perf_counter() - t0 - seconds, "command": command}
-            results["runs"].append(run)
-            done.add((spec, run["ratio"]))
+            if args.tasks and spec in task_methods:
+                t1 = time.perf_counter()
+                run["tasks"] = evaluate_tasks(model, tok, args.tasks, data_dir, limit=args.task_limit,
+                                              batch_size=args.task_batch_size, progress=False)
+                run["task_seconds"] = time.perf_counter() - t1
             print(json.dumps(run), flush=True)
-            write(results, args.stem)
+            record(args.stem, header, run)
             del model
-    order = DEFAULT_METHODS + [m for m in args.methods if m not in DEFAULT_METHODS]
-    results["runs"].sort(key=lambda r: (r["ratio"], order.index(r["spec"]) if r["spec"] in order else len(order)))
-    write(results, args.stem)
 
 
 if __name__ == "__main__":

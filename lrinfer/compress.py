@@ -32,7 +32,7 @@ class CompressConfig:
 
     method: solver name (svd, svdllm, ...); ratio: fraction of the compressible linears'
     parameters removed, in (0, 1); selection / allocation: which linears, and how the budget is
-    spread; rank_multiple: ranks are rounded down to it (tensor-core friendly); modules: restrict
+    spread; rank_multiple: ranks are rounded to its nearest multiple (tensor-core friendly); modules: restrict
     to these linear names (e.g. ["q_proj", "down_proj"]); calibration: source, samples, length, seed.
     """
     method: str = "svdllm"

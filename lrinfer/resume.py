@@ -20,7 +20,7 @@ import torch
 
 from .checkpoint import atomic_write_bytes
 from .errors import LrinferError
-from .factors import FactorPair
+from .factors import FactorPair, flatten_factors, unflatten_factors
 
 log = logging.getLogger(__name__)
 STATE = "state.json"
@@ -78,9 +78,7 @@ class WorkDir:
                 block_file = self.path / f"block_{i:04d}.safetensors"
                 if not block_file.is_file():
                     continue        # a block with nothing to compress
-                t = load_file(str(block_file))
-                for name in {k.rsplit(".", 1)[0] for k in t}:
-                    factors[name] = FactorPair(t[f"{name}.U"], t[f"{name}.V"], t.get(f"{name}.U2"), t.get(f"{name}.V2"))
+                factors.update(unflatten_factors(load_file(str(block_file))))
             streams = load_file(str(self.path / state["streams"]))
         except (OSError, KeyError, ValueError, json.JSONDecodeError) as e:
             raise LrinferError(f"{self.path}: the saved progress is unreadable ({type(e).__name__}: {e}); "
@@ -99,8 +97,7 @@ class WorkDir:
                    hidden_error: list[float], dense: list[torch.Tensor], compressed: list[torch.Tensor]) -> None:
         """Record that `block` is done: its factors, then the streams after it, then the state."""
         if factors:
-            save_tensors({f"{n}.{k}": v for n, p in factors.items() for k, v in p.tensors().items()},
-                          self.path / f"block_{block:04d}.safetensors")
+            save_tensors(flatten_factors(factors), self.path / f"block_{block:04d}.safetensors")
         streams_file = f"streams_{block + 1:04d}.safetensors"
         same = all(c is d for c, d in zip(compressed, dense))
         tensors = {f"dense.{b}": t for b, t in enumerate(dense)}
