@@ -203,7 +203,7 @@ def _compress_block(block, rel: dict[str, str], streams, calls, solver, config, 
                 _check_weight(name, W)
                 if name in fisher:
                     stats[r].fisher = fisher.pop(name).to(W.device)
-                pair = solver(W, stats[r], ranks[name], **config.method_options).to(lin.weight.dtype)
+                pair = solver(W, stats[r], ranks[name], **config.method_options).balanced().to(lin.weight.dtype)
                 if not all(torch.isfinite(t).all() for t in pair.tensors().values()):
                     raise LrinferError(f"{name}: solver '{config.method}' produced NaN/Inf factors in "
                                        f"{lin.weight.dtype}; try more calibration samples, another method, "

@@ -57,6 +57,22 @@ class FactorPair:
             W = W + self.U2 @ self.V2.t()
         return W
 
+    def balanced(self) -> "FactorPair":
+        """The same product with each rank column scaled so that ‖U[:, i]‖ = ‖V[:, i]‖.
+
+        Whitened solvers fold M⁻ᵀ into V, so raw factors can be badly scaled (one side ~N^¼ times
+        the other for N calibration tokens, far more on near-dead channels); balanced factors keep
+        float16/bfloat16 activations of x V and the products in range. Exact up to rounding.
+        """
+        def bal(U, V):
+            nu, nv = U.norm(dim=0), V.norm(dim=0)
+            ok = (nu > 0) & (nv > 0)
+            c = torch.where(ok, (nv / torch.where(ok, nu, 1)).sqrt(), torch.ones_like(nu))
+            return U * c, V / c
+        if self.U2 is None:
+            return FactorPair(*bal(self.U, self.V))
+        return FactorPair(*bal(self.U, self.V), *bal(self.U2, self.V2))
+
     def to(self, *args, **kwargs) -> "FactorPair":
         f = lambda t: None if t is None else t.to(*args, **kwargs)  # noqa: E731
         return FactorPair(f(self.U), f(self.V), f(self.U2), f(self.V2))

@@ -39,3 +39,28 @@ def test_factor_pair_dense_and_shape_checks():
         FactorPair(torch.randn(5, 3), torch.randn(7, 4))
     with pytest.raises(ValueError, match="both"):
         FactorPair(U, V, U2, None)
+
+
+def test_balanced_keeps_the_product_and_equalizes_column_norms():
+    g = torch.Generator().manual_seed(0)
+    scale = torch.logspace(-4, 4, 6, dtype=torch.float64)            # badly scaled columns
+    U, V = torch.randn(20, 6, generator=g, dtype=torch.float64) * scale, torch.randn(12, 6, generator=g,
+                                                                                      dtype=torch.float64) / scale
+    U[:, 2] = 0                                                        # a dead column stays as it is
+    U2, V2 = torch.randn(20, 3, generator=g, dtype=torch.float64) * 1e3, torch.randn(12, 3, generator=g,
+                                                                                      dtype=torch.float64)
+    p = FactorPair(U, V, U2, V2)
+    b = p.balanced()
+    torch.testing.assert_close(b.dense(), p.dense(), rtol=1e-12, atol=1e-12)
+    live = torch.arange(6) != 2
+    torch.testing.assert_close(b.U.norm(dim=0)[live], b.V.norm(dim=0)[live], rtol=1e-12, atol=0)
+    torch.testing.assert_close(b.U2.norm(dim=0), b.V2.norm(dim=0), rtol=1e-12, atol=0)
+    assert torch.equal(b.V[:, 2], V[:, 2])
+
+
+def test_compressed_factors_are_balanced(tiny_model, calib_ids):
+    import lrinfer
+    res = lrinfer.compress(tiny_model, lrinfer.CompressConfig(method="svdllm", ratio=0.4, n_samples=4, seq_len=32),
+                           calib_ids[:4, :32], progress=False)
+    for pair in res.factors.values():
+        torch.testing.assert_close(pair.U.norm(dim=0), pair.V.norm(dim=0), rtol=1e-4, atol=1e-6)
