@@ -1,0 +1,118 @@
+"""The recipe search on SmolLM2-135M, then every trial measured on the test split afterwards.
+
+    python bench/recipe_search.py --ratio 0.2 --windows 64 --tasks piqa
+    python bench/recipe_search.py --ratio 0.4 --candidates saes saes@last:cap=0.45 saes@last:cap=0.6
+
+The search (`lrinfer.search_recipes`, the same code as `lrinfer compress --method auto`) sees only
+the calibration text: candidates are compressed with windows from its first 90% and ranked by
+perplexity on `--heldout` windows from its last 10%. Only after it has chosen does this script
+reload each trial's factors and measure WikiText-2 test perplexity (and `--tasks`, for the chosen
+recipe), so the table shows whether the held-out criterion ranks recipes the way the test split
+does. Candidates use `bench/methods_table.py`'s spec syntax (`solver[+allocation][@selection:k=v]`);
+the default is `lrinfer.default_candidates()`. Work files go to out/.recipe_search_<ratio>
+(resumable); results to bench/results/<stem>.json|md, one entry per ratio.
+"""
+from __future__ import annotations
+
+import argparse
+import copy
+import json
+import platform
+import shlex
+import sys
+import time
+from pathlib import Path
+
+import torch
+
+import lrinfer
+from lrinfer.data import calibration_split
+from lrinfer.factors import unflatten_factors
+from lrinfer.recipe import Recipe, apply_result, default_candidates, search
+from lrinfer.solvers import get_solver
+from lrinfer.zeroshot import evaluate_tasks
+
+from methods_table import OUT, locked, parse_method
+
+
+def recipe(spec: str) -> Recipe:
+    method, alloc, selection, options = parse_method(spec)
+    return Recipe(method, selection or get_solver(method).selection, alloc, selection_options=options)
+
+
+def write(results: dict, stem: str) -> None:
+    (OUT / f"{stem}.json").write_text(json.dumps(results, indent=2))
+    lines = ["# Recipe search on SmolLM2-135M", ""]
+    for key, r in sorted(results["searches"].items()):
+        lines += [f"## ratio {key}", "", f"Command: `{r['command']}`  ",
+                  f"Calibration: {r['calibration']}; criterion: {r['criterion']}  ",
+                  f"Test: {r['eval']}; host: {r['host']}", "",
+                  "| recipe | held-out PPL (criterion) | test PPL | compress s | chosen |", "|---|---|---|---|---|"]
+        for t in r["trials"]:
+            lines.append(f"| {t['label']} | {t['heldout_ppl']:.2f} | {t.get('test_ppl', float('nan')):.2f} | "
+                         f"{t.get('seconds', 0):.0f} | {'**yes**' if t['label'] == r['chosen_label'] else ''} |")
+        for task, v in r.get("tasks", {}).items():
+            lines.append(f"\nChosen recipe, {task}: acc {v['acc']:.4f} ± {v['acc_stderr']:.4f}, "
+                         f"acc_norm {v['acc_norm']:.4f} ± {v['acc_norm_stderr']:.4f} (n = {v['n']})")
+        lines.append("")
+    (OUT / f"{stem}.md").write_text("\n".join(lines))
+
+
+def main(argv=None) -> None:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--ratio", type=float, default=0.2)
+    ap.add_argument("--candidates", nargs="+", default=None)
+    ap.add_argument("--samples", type=int, default=32)
+    ap.add_argument("--seq-len", type=int, default=512)
+    ap.add_argument("--heldout", type=int, default=8)
+    ap.add_argument("--windows", type=int, default=64)
+    ap.add_argument("--tasks", nargs="*", default=[])
+    ap.add_argument("--stem", default="recipes_smollm2")
+    ap.add_argument("--compress-threads", type=int, default=1)
+    args = ap.parse_args(argv)
+    command = "python " + " ".join(shlex.quote(a) for a in [sys.argv[0], *(argv if argv is not None else sys.argv[1:])])
+    print(command, flush=True)
+
+    data_dir = lrinfer.resolve_data_dir()
+    dense, tok, source = lrinfer.load_model()
+    dense.eval()
+    candidates = [recipe(s) for s in args.candidates] if args.candidates else default_candidates()
+    base = lrinfer.CompressConfig(ratio=args.ratio, n_samples=args.samples, seq_len=args.seq_len)
+    calib, heldout, calib_desc = calibration_split(tok, "wikitext2", args.samples, args.seq_len, args.heldout,
+                                                   0, data_dir)
+    work = Path("out") / f".recipe_search_{args.ratio:g}"
+    threads = torch.get_num_threads()
+    torch.set_num_threads(args.compress_threads)
+    try:
+        found = search(dense, base, calib, heldout, candidates, work_dir=work, resume=True, progress=False)
+    finally:
+        torch.set_num_threads(threads)
+
+    # Only now, with the choice made, look at the test split.
+    windows, eval_desc = lrinfer.eval_windows(tok, "wikitext2", args.seq_len, args.windows, data_dir)
+    from safetensors.torch import load_file
+    report = {**found.report(), "command": command, "model": source, "torch": torch.__version__,
+              "calibration": f"{calib_desc}, first 90%, {tuple(calib.shape)}, seed 0", "eval": eval_desc +
+              f", {tuple(windows.shape)}", "host": f"{platform.machine()} CPU (shared)"}
+    for i, trial in enumerate(report["trials"]):
+        if trial["heldout_ppl"] == float("inf"):
+            continue
+        model = copy.deepcopy(dense)
+        apply_result(model, lrinfer.CompressionResult(unflatten_factors(load_file(str(work / f"cand{i}.safetensors"))),
+                                                      {}, [], [], 0.0))
+        trial["test_ppl"] = lrinfer.perplexity(model, windows, progress=False)["ppl"]
+        print(json.dumps(trial), flush=True)
+        if trial["label"] == found.best.label and args.tasks:
+            t0 = time.perf_counter()
+            report["tasks"] = evaluate_tasks(model, tok, args.tasks, data_dir, batch_size=8, progress=False)
+            report["task_seconds"] = time.perf_counter() - t0
+        del model
+    with locked(args.stem):
+        path = OUT / f"{args.stem}.json"
+        results = json.loads(path.read_text()) if path.exists() else {"searches": {}}
+        results["searches"][f"{args.ratio:g}"] = report
+        write(results, args.stem)
+
+
+if __name__ == "__main__":
+    main()
