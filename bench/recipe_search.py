@@ -9,8 +9,8 @@ perplexity on `--heldout` windows from its last 10%. Only after it has chosen do
 reload each trial's factors and measure WikiText-2 test perplexity (and `--tasks`, for the chosen
 recipe), so the table shows whether the held-out criterion ranks recipes the way the test split
 does. Candidates use `bench/methods_table.py`'s spec syntax (`solver[+allocation][@selection:k=v]`);
-the default is `lrinfer.default_candidates()`. Work files go to out/.recipe_search_<ratio>
-(resumable); results to bench/results/<stem>.json|md, one entry per ratio.
+the default is `lrinfer.default_candidates()`. Work files go to
+out/.<stem>_<ratio>_n<samples> (resumable); results to bench/results/<stem>.json|md, one entry per ratio.
 """
 from __future__ import annotations
 
@@ -80,7 +80,7 @@ def main(argv=None) -> None:
     base = lrinfer.CompressConfig(ratio=args.ratio, n_samples=args.samples, seq_len=args.seq_len)
     calib, heldout, calib_desc = calibration_split(tok, "wikitext2", args.samples, args.seq_len, args.heldout,
                                                    0, data_dir)
-    work = Path("out") / f".recipe_search_{args.ratio:g}"
+    work = Path("out") / f".{args.stem}_{args.ratio:g}_n{args.samples}"
     threads = torch.get_num_threads()
     torch.set_num_threads(args.compress_threads)
     try:
