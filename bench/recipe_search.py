@@ -9,7 +9,7 @@ perplexity on `--heldout` windows from its last 10%. Only after it has chosen do
 reload each trial's factors and measure WikiText-2 test perplexity (and `--tasks`, for the chosen
 recipe), so the table shows whether the held-out criterion ranks recipes the way the test split
 does. Candidates use `bench/methods_table.py`'s spec syntax (`solver[+allocation][@selection:k=v]`);
-the default is `lrinfer.default_candidates()`. Work files go to
+the default is `lrinfer.default_candidates(ratio)`. Work files go to
 out/.<stem>_<ratio>_n<samples> (resumable); results to bench/results/<stem>.json|md, one entry per ratio.
 """
 from __future__ import annotations
@@ -76,7 +76,7 @@ def main(argv=None) -> None:
     data_dir = lrinfer.resolve_data_dir()
     dense, tok, source = lrinfer.load_model()
     dense.eval()
-    candidates = [recipe(s) for s in args.candidates] if args.candidates else default_candidates()
+    candidates = [recipe(s) for s in args.candidates] if args.candidates else default_candidates(args.ratio)
     base = lrinfer.CompressConfig(ratio=args.ratio, n_samples=args.samples, seq_len=args.seq_len)
     calib, heldout, calib_desc = calibration_split(tok, "wikitext2", args.samples, args.seq_len, args.heldout,
                                                    0, data_dir)

@@ -57,13 +57,20 @@ class Recipe:
                 "allocation_options": self.allocation_options}
 
 
-def default_candidates() -> list[Recipe]:
-    """The stated search space: SVD-LLM as the reference, SAES with each selection × allocation,
-    ResSVD as published, and ResSVD's last-layer selection at three per-layer caps."""
+LAST_CAP_FACTORS = (1.25, 1.5, 2.25, 3.0)   # per-layer cap of the last-layer selection, × the overall ratio
+
+
+def default_candidates(ratio: float = 0.2) -> list[Recipe]:
+    """The stated search space: SVD-LLM as the reference, SAES with uniform and D-Rank ranks, ResSVD as
+    published, SAES on ResSVD's last-layer selection at per-layer caps of 1.25, 1.5, 2.25 and 3 × `ratio`
+    (those below 0.95; at 20%: 0.25, 0.3, 0.45, 0.6, i.e. the last 24, 20, 14 or 10 of 30 blocks), and
+    SAES + D-Rank on the last layers at 1.5 × `ratio`. On SmolLM2-135M the held-out criterion chose
+    1.5 × at 20% and 1.25 × at 40% (README, "Composing the papers")."""
+    caps = [round(ratio * f, 4) for f in LAST_CAP_FACTORS if ratio * f < 0.95]
     out = [Recipe("svdllm"), Recipe("saes"), Recipe("saes", allocation="drank"), Recipe("ressvd", "last")]
-    for cap in (0.3, 0.45, 0.6):
-        out.append(Recipe("saes", "last", selection_options={"cap": cap}))
-    out.append(Recipe("saes", "last", "drank", selection_options={"cap": 0.45}))
+    out += [Recipe("saes", "last", selection_options={"cap": cap}) for cap in caps]
+    if ratio * 1.5 < 0.95:
+        out.append(Recipe("saes", "last", "drank", selection_options={"cap": round(ratio * 1.5, 4)}))
     return out
 
 
@@ -85,7 +92,7 @@ def search(dense: nn.Module, base: CompressConfig, calib_ids: torch.Tensor, held
     """Try each candidate on a copy of `dense`; choose by perplexity on `heldout_ids` [h, T]
     (calibration text held apart from `calib_ids`). `dense` is left unchanged; patch the winner with
     `apply_result`. Trials are listed in candidate order."""
-    candidates = candidates or default_candidates()
+    candidates = candidates or default_candidates(base.ratio)
     if not candidates:
         raise LrinferError("recipe search needs at least one candidate")
     for c in candidates:            # validate every name before the long work

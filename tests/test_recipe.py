@@ -43,7 +43,7 @@ def test_cli_auto_records_choice_and_reloads(model_dir, tmp_path, capsys):
     assert main(args) == 0
     report = json.loads((out / "report.json").read_text())
     search = report["recipe_search"]
-    assert len(search["trials"]) == len(lrinfer.default_candidates())
+    assert len(search["trials"]) == len(lrinfer.default_candidates(0.2))
     assert "held-apart calibration" in search["criterion"]
     best = min(search["trials"], key=lambda t: t["heldout_ppl"])
     assert search["chosen_label"] == best["label"] and report["method"] == best["recipe"]["method"]
