@@ -113,6 +113,16 @@ def record(stem: str, header: dict, run: dict) -> None:
         (OUT / f".{stem}.claims" / f"{run['spec']}@{run['ratio']}").unlink(missing_ok=True)
 
 
+def start(argv) -> tuple:
+    """Echo the command line, then load the data directory and the dense SmolLM2 (eval mode).
+    Returns (command, data_dir, dense, tokenizer, source)."""
+    command = "python " + " ".join(shlex.quote(a) for a in [sys.argv[0], *(argv if argv is not None else sys.argv[1:])])
+    print(command, flush=True)
+    data_dir = lrinfer.resolve_data_dir()
+    dense, tok, source = lrinfer.load_model()
+    return command, data_dir, dense.eval(), tok, source
+
+
 def main(argv=None) -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--ratios", type=float, nargs="+", default=[0.2, 0.4])
@@ -132,12 +142,7 @@ def main(argv=None) -> None:
                     help="torch threads while compressing (small SVDs/Cholesky scale badly on a shared CPU); "
                          "evaluation uses torch's default")
     args = ap.parse_args(argv)
-    command = "python " + " ".join(shlex.quote(a) for a in [sys.argv[0], *(argv if argv is not None else sys.argv[1:])])
-    print(command, flush=True)
-
-    data_dir = lrinfer.resolve_data_dir()
-    dense, tok, source = lrinfer.load_model()
-    dense.eval()
+    command, data_dir, dense, tok, source = start(argv)
     calib, calib_desc = lrinfer.calibration_batch(tok, "wikitext2", args.n_samples, args.seq_len, seed=0,
                                                   data_dir=data_dir)
     windows, eval_desc = lrinfer.eval_windows(tok, "wikitext2", args.seq_len, args.windows, data_dir)

@@ -18,12 +18,11 @@ import argparse
 import copy
 import json
 import platform
-import shlex
-import sys
 import time
 from pathlib import Path
 
 import torch
+from safetensors.torch import load_file
 
 import lrinfer
 from lrinfer.data import calibration_split
@@ -32,7 +31,7 @@ from lrinfer.recipe import Recipe, apply_result, default_candidates, search
 from lrinfer.solvers import get_solver
 from lrinfer.zeroshot import evaluate_tasks
 
-from methods_table import OUT, locked, parse_method
+from methods_table import OUT, locked, parse_method, start
 
 
 def recipe(spec: str) -> Recipe:
@@ -70,12 +69,7 @@ def main(argv=None) -> None:
     ap.add_argument("--stem", default="recipes_smollm2")
     ap.add_argument("--compress-threads", type=int, default=1)
     args = ap.parse_args(argv)
-    command = "python " + " ".join(shlex.quote(a) for a in [sys.argv[0], *(argv if argv is not None else sys.argv[1:])])
-    print(command, flush=True)
-
-    data_dir = lrinfer.resolve_data_dir()
-    dense, tok, source = lrinfer.load_model()
-    dense.eval()
+    command, data_dir, dense, tok, source = start(argv)
     candidates = [recipe(s) for s in args.candidates] if args.candidates else default_candidates(args.ratio)
     base = lrinfer.CompressConfig(ratio=args.ratio, n_samples=args.samples, seq_len=args.seq_len)
     calib, heldout, calib_desc = calibration_split(tok, "wikitext2", args.samples, args.seq_len, args.heldout,
@@ -90,10 +84,10 @@ def main(argv=None) -> None:
 
     # Only now, with the choice made, look at the test split.
     windows, eval_desc = lrinfer.eval_windows(tok, "wikitext2", args.seq_len, args.windows, data_dir)
-    from safetensors.torch import load_file
     report = {**found.report(), "command": command, "model": source, "torch": torch.__version__,
               "calibration": f"{calib_desc}, first 90%, {tuple(calib.shape)}, seed 0", "eval": eval_desc +
               f", {tuple(windows.shape)}", "host": f"{platform.machine()} CPU (shared)"}
+
     def patched(i: int):
         model = copy.deepcopy(dense)
         factors = unflatten_factors(load_file(str(work / f"cand{i}.safetensors")))

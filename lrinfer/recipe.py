@@ -69,8 +69,8 @@ def default_candidates(ratio: float = 0.2) -> list[Recipe]:
     caps = [round(ratio * f, 4) for f in LAST_CAP_FACTORS if ratio * f < 0.95]
     out = [Recipe("svdllm"), Recipe("saes"), Recipe("saes", allocation="drank"), Recipe("ressvd", "last")]
     out += [Recipe("saes", "last", selection_options={"cap": cap}) for cap in caps]
-    if ratio * 1.5 < 0.95:
-        out.append(Recipe("saes", "last", "drank", selection_options={"cap": round(ratio * 1.5, 4)}))
+    if (cap := round(ratio * 1.5, 4)) in caps:
+        out.append(Recipe("saes", "last", "drank", selection_options={"cap": cap}))
     return out
 
 
