@@ -4,8 +4,9 @@
     python bench/methods_table.py --ratios 0.2 --methods svdllm saes+drank
     python bench/methods_table.py --ratios 0.2 0.4 --tasks piqa --task-methods dense svdllm saes
 
-A method is `solver[+allocation][@selection[:key=value,...]]` (e.g. `svdllm+drank`, `saes@last:cap=0.45`
-= SAES on ResSVD's last-layer selection with a per-layer cap of 45%). Calibration: 32 × 512 tokens of WikiText-2
+A method is a recipe spec, `solver[:opts][+allocation[:opts]][@selection[:opts]][%samples]` with opts
+`key=value,...` (`lrinfer.Recipe.parse`; e.g. `svdllm+drank`, `saes@last:cap=0.45` = SAES on ResSVD's
+last-layer selection with a per-layer cap of 45%, `saes:beta_max=0.9` = SAES with β ≤ 0.9). Calibration: 32 × 512 tokens of WikiText-2
 valid.txt (seed 0); evaluation: WikiText-2 raw test, `--windows` × 512 tokens, and optionally
 lm-eval zero-shot tasks (`--tasks piqa`, full split) for the `--task-methods`. Each run starts
 from a deep copy of the dense model. Results are written after every run to
@@ -32,19 +33,11 @@ import torch
 
 import lrinfer
 from lrinfer.allocation import achieved_ratio
+from lrinfer.recipe import Recipe
 from lrinfer.zeroshot import evaluate_tasks
 
 DEFAULT_METHODS = ["dense", "svd", "fwsvd", "asvd", "svdllm", "ressvd", "saes", "svdllm+drank", "saes+drank"]
 OUT = Path(__file__).parent / "results"
-
-
-def parse_method(spec: str) -> tuple[str, str, str | None, dict]:
-    """'saes+drank@last:cap=0.45' -> ('saes', 'drank', 'last', {'cap': 0.45})."""
-    spec, _, selection = spec.partition("@")
-    selection, _, opts = selection.partition(":")
-    method, _, alloc = spec.partition("+")
-    options = {k: float(v) for k, v in (kv.split("=") for kv in opts.split(",") if kv)}
-    return method, alloc or "uniform", selection or None, options
 
 
 def write(results: dict, stem: str) -> None:
@@ -157,7 +150,8 @@ def main(argv=None) -> None:
 
     for ratio in args.ratios:
         for spec in args.methods:
-            method, alloc, selection, sel_options = parse_method(spec)
+            recipe = None if spec == "dense" else Recipe.parse(spec)
+            method, alloc = (recipe.method, recipe.allocation) if recipe else ("dense", "-")
             run_ratio = 0.0 if method == "dense" else ratio
             if not claim(args.stem, spec, run_ratio):
                 continue
@@ -166,13 +160,12 @@ def main(argv=None) -> None:
             if method == "dense":
                 achieved, sel, seconds, err = 0.0, "-", 0.0, 0.0
             else:
-                cfg = lrinfer.CompressConfig(method=method, ratio=ratio, allocation=alloc, selection=selection,
-                                             selection_options=sel_options, n_samples=args.n_samples,
-                                             seq_len=args.seq_len)
+                cfg = recipe.config(lrinfer.CompressConfig(ratio=ratio, n_samples=args.n_samples,
+                                                           seq_len=args.seq_len))
                 threads = torch.get_num_threads()
                 torch.set_num_threads(args.compress_threads)
                 try:
-                    res = lrinfer.compress(model, cfg, calib, progress=False)
+                    res = lrinfer.compress(model, cfg, calib[:cfg.n_samples], progress=False)
                 finally:
                     torch.set_num_threads(threads)
                 seconds = time.perf_counter() - t0
@@ -180,7 +173,7 @@ def main(argv=None) -> None:
                 sel, err = cfg.selection, res.hidden_error[-1]
             ppl = lrinfer.perplexity(model, windows, progress=False)["ppl"]
             run = {"spec": spec, "ratio": run_ratio, "method": method,
-                   "allocation": alloc if method != "dense" else "-", "selection": sel,
+                   "allocation": alloc, "selection": sel,
                    "achieved_ratio": achieved, "seconds": seconds, "ppl": ppl,
                    "last_block_hidden_error": err, "model_params": sum(p.numel() for p in model.parameters()),
                    "eval_seconds": time.perf_counter() - t0 - seconds, "command": command}

@@ -8,8 +8,9 @@ the calibration text: candidates are compressed with windows from its first 90% 
 perplexity on `--heldout` windows from its last 10%. Only after it has chosen does this script
 reload each trial's factors and measure WikiText-2 test perplexity (and `--tasks`, for the chosen
 recipe), so the table shows whether the held-out criterion ranks recipes the way the test split
-does. Candidates use `bench/methods_table.py`'s spec syntax (`solver[+allocation][@selection:k=v]`);
-the default is `lrinfer.default_candidates(ratio)`. Work files go to
+does. Candidates are recipe specs (`lrinfer.Recipe.parse`:
+`solver[:opts][+allocation[:opts]][@selection[:opts]][%samples]`, e.g. `saes:beta_max=0.9@last:cap=0.3`);
+the default is `lrinfer.default_candidates(ratio)`. A `%samples` candidate needs `--samples` at least that. Work files go to
 out/.<stem>_<ratio>_n<samples> (resumable); results to bench/results/<stem>.json|md, one entry per ratio.
 """
 from __future__ import annotations
@@ -28,15 +29,9 @@ import lrinfer
 from lrinfer.data import calibration_split
 from lrinfer.factors import unflatten_factors
 from lrinfer.recipe import Recipe, apply_result, default_candidates, search
-from lrinfer.solvers import get_solver
 from lrinfer.zeroshot import evaluate_tasks
 
-from methods_table import OUT, locked, parse_method, start
-
-
-def recipe(spec: str) -> Recipe:
-    method, alloc, selection, options = parse_method(spec)
-    return Recipe(method, selection or get_solver(method).selection, alloc, selection_options=options)
+from methods_table import OUT, locked, start
 
 
 def write(results: dict, stem: str) -> None:
@@ -70,7 +65,7 @@ def main(argv=None) -> None:
     ap.add_argument("--compress-threads", type=int, default=1)
     args = ap.parse_args(argv)
     command, data_dir, dense, tok, source = start(argv)
-    candidates = [recipe(s) for s in args.candidates] if args.candidates else default_candidates(args.ratio)
+    candidates = [Recipe.parse(s) for s in args.candidates] if args.candidates else default_candidates(args.ratio)
     base = lrinfer.CompressConfig(ratio=args.ratio, n_samples=args.samples, seq_len=args.seq_len)
     calib, heldout, calib_desc = calibration_split(tok, "wikitext2", args.samples, args.seq_len, args.heldout,
                                                    0, data_dir)
@@ -90,7 +85,7 @@ def main(argv=None) -> None:
 
     def patched(i: int):
         model = copy.deepcopy(dense)
-        factors = unflatten_factors(load_file(str(work / f"cand{i}.safetensors")))
+        factors = unflatten_factors(load_file(str(work / f"{candidates[i].slug}.safetensors")))
         apply_result(model, lrinfer.CompressionResult(factors, {}, [], [], 0.0))
         return model
 

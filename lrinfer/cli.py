@@ -64,6 +64,10 @@ def build_parser() -> argparse.ArgumentParser:
     c.add_argument("--model", default=None, help="HF directory, .gguf file, hub id, or 'smollm2' (default)")
     c.add_argument("--method", default=d["method"], choices=sorted(SOLVERS) + ["auto"],
                    help=f"solver (default {d['method']}); auto: search recipes on held-apart calibration text")
+    c.add_argument("--candidates", nargs="+", metavar="RECIPE", default=None,
+                   help="--method auto: recipes to try instead of the default set, as "
+                        "solver[:k=v,..][+allocation[:k=v,..]][@selection[:k=v,..]][%%samples], "
+                        "e.g. saes@last:cap=0.3 saes:beta_max=0.9+drank svdllm%%16")
     c.add_argument("--heldout", type=int, default=8,
                    help="--method auto: held-apart calibration windows that score each recipe (default 8)")
     c.add_argument("--ratio", type=float, default=d["ratio"],
@@ -147,6 +151,14 @@ def cmd_compress(args) -> dict:
         batch_size=args.batch_size, method_options=_options(args.opt, "--opt"),
         selection_options=_options(args.selection_opt, "--selection-opt"),
         allocation_options=_options(args.allocation_opt, "--allocation-opt"))
+    candidates = None
+    if args.candidates:
+        if not auto:
+            raise LrinferError("--candidates lists recipes for --method auto; add --method auto or drop it")
+        from .recipe import Recipe
+        candidates = [Recipe.parse(spec) for spec in args.candidates]
+        for c in candidates:       # unknown names fail here, before the model loads
+            c.config(config)
     out = Path(args.out or f"out/{Path(args.model or 'smollm2').stem}-{config.method}-{config.ratio:g}")
     from .checkpoint import _prepare_out_dir
     model, tok, source = load_model(args.model, dtype, device)
@@ -164,8 +176,8 @@ def cmd_compress(args) -> dict:
         from .recipe import search as search_recipes
         calib, heldout, calib_desc = calibration_split(tok, config.calib, config.n_samples, config.seq_len,
                                                        args.heldout, config.seed, data_dir)
-        search = search_recipes(model, config, calib, heldout, work_dir=work_dir, resume=args.resume,
-                                progress=progress)
+        search = search_recipes(model, config, calib, heldout, candidates, work_dir=work_dir,
+                                resume=args.resume, progress=progress)
         config, result = search.best.config(config), search.result
         apply_result(model, result)
         calib_desc += " (first 90%; recipes scored on the last 10%)"

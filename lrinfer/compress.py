@@ -55,8 +55,12 @@ class CompressConfig:
         check_ratio(self.ratio)
         solver = get_solver(self.method)
         self.selection = self.selection or solver.selection
-        allocation.get_selection(self.selection)
-        allocation.get_allocator(self.allocation)
+        for what, reg, opts in (("solver", solver, self.method_options),
+                                ("selection", allocation.get_selection(self.selection), self.selection_options),
+                                ("allocation", allocation.get_allocator(self.allocation), self.allocation_options)):
+            if unknown := set(opts) - set(reg.options()):
+                raise LrinferError(f"{what} '{reg.name}' has no option(s) {sorted(unknown)}; "
+                                   f"its options are {reg.options() or 'none'}")
         for name in ("rank_multiple", "n_samples", "seq_len", "batch_size"):
             if int(getattr(self, name)) < 1:
                 raise LrinferError(f"{name} must be >= 1; got {getattr(self, name)}")

@@ -10,6 +10,7 @@ from __future__ import annotations
 import copy
 import json
 import logging
+import re
 import time
 from dataclasses import dataclass, field, replace
 from pathlib import Path
@@ -30,13 +31,49 @@ log = logging.getLogger(__name__)
 
 @dataclass(frozen=True)
 class Recipe:
-    """Which layers (selection), how much rank each (allocation), how to solve (method)."""
+    """Which layers (selection), how much rank each (allocation), how to solve (method), and on how many
+    calibration samples (None: all that the search is given)."""
     method: str
     selection: str = "all"
     allocation: str = "uniform"
     method_options: dict = field(default_factory=dict)
     selection_options: dict = field(default_factory=dict)
     allocation_options: dict = field(default_factory=dict)
+    samples: int | None = None
+
+    @classmethod
+    def parse(cls, spec: str) -> "Recipe":
+        """'saes:beta_max=0.9+drank@last:cap=0.3%128' -> SAES (β ≤ 0.9) with D-Rank ranks on the last
+        layers at a per-layer cap of 0.3, on 128 calibration samples. Every part but the solver is
+        optional; the selection defaults to the solver's own (ResSVD: last)."""
+        from .solvers import get_solver
+        rest, _, samples = spec.partition("%")
+        rest, _, selection = rest.partition("@")
+        method, _, allocation = rest.partition("+")
+
+        def named(part: str, default: str | None) -> tuple[str | None, dict]:
+            name, _, opts = part.partition(":")
+            options = {}
+            for kv in filter(None, opts.split(",")):
+                k, eq, v = kv.partition("=")
+                try:
+                    options[k.strip()] = float(v)
+                except ValueError:
+                    eq = ""
+                if not eq or not k.strip():
+                    raise LrinferError(f"recipe {spec!r}: option {kv!r} is not KEY=NUMBER "
+                                       "(write e.g. saes:beta_max=0.9+drank@last:cap=0.3%128)")
+            return name.strip() or default, options
+
+        method, m_opts = named(method, None)
+        if not method:
+            raise LrinferError(f"recipe {spec!r} names no solver (write e.g. saes@last:cap=0.3)")
+        allocation, a_opts = named(allocation, "uniform")
+        selection, s_opts = named(selection, None)
+        if samples and not (samples.isdigit() and int(samples) > 0):
+            raise LrinferError(f"recipe {spec!r}: calibration samples after '%' must be a positive integer")
+        return cls(method, selection or get_solver(method).selection, allocation, m_opts, s_opts, a_opts,
+                   int(samples) if samples else None)
 
     @property
     def label(self) -> str:
@@ -44,17 +81,25 @@ class Recipe:
         parts = [self.method + (f"({opts(self.method_options)})" if self.method_options else ""),
                  self.selection + (f"({opts(self.selection_options)})" if self.selection_options else ""),
                  self.allocation + (f"({opts(self.allocation_options)})" if self.allocation_options else "")]
+        if self.samples:
+            parts.append(f"{self.samples} samples")
         return " / ".join(parts)
+
+    @property
+    def slug(self) -> str:
+        """The label as a file name: a trial's work files are found by recipe, not by list position."""
+        return re.sub(r"[^A-Za-z0-9.=,-]+", "_", self.label).strip("_")
 
     def config(self, base: CompressConfig) -> CompressConfig:
         return replace(base, method=self.method, selection=self.selection, allocation=self.allocation,
                        method_options=dict(self.method_options), selection_options=dict(self.selection_options),
-                       allocation_options=dict(self.allocation_options))
+                       allocation_options=dict(self.allocation_options),
+                       n_samples=self.samples or base.n_samples)
 
     def to_dict(self) -> dict:
         return {"method": self.method, "selection": self.selection, "allocation": self.allocation,
                 "method_options": self.method_options, "selection_options": self.selection_options,
-                "allocation_options": self.allocation_options}
+                "allocation_options": self.allocation_options, "samples": self.samples}
 
 
 LAST_CAP_FACTORS = (1.25, 1.5, 2.25, 3.0)   # per-layer cap of the last-layer selection, × the overall ratio
@@ -90,13 +135,20 @@ def search(dense: nn.Module, base: CompressConfig, calib_ids: torch.Tensor, held
            candidates: list[Recipe] | None = None, work_dir: str | Path | None = None, resume: bool = False,
            progress: bool = True) -> SearchResult:
     """Try each candidate on a copy of `dense`; choose by perplexity on `heldout_ids` [h, T]
-    (calibration text held apart from `calib_ids`). `dense` is left unchanged; patch the winner with
+    (calibration text held apart from `calib_ids`). A candidate with `samples` set calibrates on that
+    many first rows of `calib_ids`; the others on all of them. `dense` is left unchanged; patch the winner with
     `apply_result`. Trials are listed in candidate order."""
     candidates = candidates or default_candidates(base.ratio)
     if not candidates:
         raise LrinferError("recipe search needs at least one candidate")
-    for c in candidates:            # validate every name before the long work
+    for c in candidates:            # validate every name and size before the long work
         c.config(base)
+        if c.samples and c.samples > calib_ids.shape[0]:
+            raise LrinferError(f"recipe {c.label!r} asks for {c.samples} calibration samples but the search "
+                               f"was given {calib_ids.shape[0]}; raise --samples to at least {c.samples}")
+    if len({c.slug for c in candidates}) < len(candidates):
+        raise LrinferError("recipe search: the candidates repeat a recipe: "
+                           + ", ".join(c.label for c in candidates))
     work = Path(work_dir) if work_dir else None
     trials_file = work / "trials.json" if work else None
     done: dict[str, dict] = {}
@@ -116,8 +168,8 @@ def search(dense: nn.Module, base: CompressConfig, calib_ids: torch.Tensor, held
         model = copy.deepcopy(dense)
         t0 = time.perf_counter()
         try:
-            result = compress(model, cand.config(base), calib_ids, progress,
-                              work_dir=(work / f"cand{i}") if work else None, resume=resume)
+            result = compress(model, cand.config(base), calib_ids[:cand.samples], progress,
+                              work_dir=(work / cand.slug) if work else None, resume=resume)
         except LrinferError as e:
             trials.append({"label": cand.label, "recipe": cand.to_dict(), "heldout_ppl": float("inf"),
                            "error": str(e)})
@@ -127,7 +179,7 @@ def search(dense: nn.Module, base: CompressConfig, calib_ids: torch.Tensor, held
                  "hidden_error": result.hidden_error[-1], "seconds": round(time.perf_counter() - t0, 1)}
         trials.append(trial)
         if work:   # factors first, then the record that points at them
-            save_tensors(flatten_factors(result.factors), work / f"cand{i}.safetensors")
+            save_tensors(flatten_factors(result.factors), work / f"{cand.slug}.safetensors")
             atomic_write_bytes(trials_file, json.dumps(trials, indent=2).encode())
         if best is None or ppl < best[0]:
             best = (ppl, cand, result)
@@ -139,7 +191,7 @@ def search(dense: nn.Module, base: CompressConfig, calib_ids: torch.Tensor, held
         raise LrinferError("every recipe failed: " + "; ".join(t.get("error", "") for t in trials))
     winner = candidates[j]
     if best is None or best[1] != winner:
-        result = _reload(dense, base, work / f"cand{j}.safetensors")
+        result = _reload(dense, base, work / f"{winner.slug}.safetensors")
         result.hidden_error = [trials[j]["hidden_error"]]
     else:
         result = best[2]

@@ -93,3 +93,64 @@ def test_selection_keeps_costly_first_layers_dense(make_tiny):
                                  held, cands, progress=False)
     assert res.best == cands[1], res.trials
     assert all(n.split(".")[2] in ("2", "3") for n in res.result.ranks)
+
+
+def test_recipe_spec_parses_every_stage():
+    r = Recipe.parse("saes:beta_min=0,beta_max=0.9+drank@last:cap=0.3%128")
+    assert r == Recipe("saes", "last", "drank", {"beta_min": 0.0, "beta_max": 0.9}, {"cap": 0.3}, {}, 128)
+    assert r.label == "saes(beta_max=0.9,beta_min=0.0) / last(cap=0.3) / drank / 128 samples"
+    assert Recipe.parse("ressvd") == Recipe("ressvd", "last")        # the solver's own selection
+    assert Recipe.parse("svdllm+drank") == Recipe("svdllm", allocation="drank")
+    cfg = Recipe.parse("saes@last:k=3%16").config(lrinfer.CompressConfig(ratio=0.2))
+    assert (cfg.selection, cfg.selection_options, cfg.n_samples) == ("last", {"k": 3.0}, 16)
+    for bad, says in [("", "names no solver"), ("+drank", "names no solver"), ("saes@last:cap", "KEY=NUMBER"),
+                      ("saes:beta=high", "KEY=NUMBER"), ("saes%0", "positive integer"), ("nosuch", "nosuch")]:
+        with pytest.raises(lrinfer.LrinferError, match=says):
+            Recipe.parse(bad)
+    with pytest.raises(lrinfer.LrinferError, match="no option.*betamax"):   # caught before any work
+        Recipe.parse("saes:betamax=0.9").config(lrinfer.CompressConfig(ratio=0.2))
+
+
+def test_search_resumes_by_recipe_and_slices_calibration(make_tiny, tmp_path, monkeypatch):
+    import lrinfer.recipe as recipe_mod
+    dense = make_tiny(layers=2)
+    g = torch.Generator().manual_seed(1)
+    calib, held = torch.randint(0, 128, (8, 32), generator=g), torch.randint(0, 128, (2, 32), generator=g)
+    base = lrinfer.CompressConfig(ratio=0.3, batch_size=4)
+    a, b, c = Recipe("svd"), Recipe("svdllm"), Recipe("svdllm", samples=3)
+    first = lrinfer.search_recipes(dense, base, calib, held, [a, b], work_dir=tmp_path, progress=False)
+    rows = []
+    real = recipe_mod.compress
+    monkeypatch.setattr(recipe_mod, "compress", lambda m, cfg, ids, *x, **k: rows.append(ids.shape[0]) or
+                        real(m, cfg, ids, *x, **k))
+    # a new order and a new candidate: the finished ones are found by recipe, only c runs
+    again = lrinfer.search_recipes(dense, base, calib, held, [c, b, a], work_dir=tmp_path, resume=True,
+                                   progress=False)
+    assert rows == [3]                                      # c alone ran, on its first 3 samples
+    by_label = {t["label"]: t for t in first.trials}
+    assert [again.trials[i]["heldout_ppl"] for i in (1, 2)] == [by_label[b.label]["heldout_ppl"],
+                                                                by_label[a.label]["heldout_ppl"]]
+    if again.best != c:      # a winner from the first run is reloaded from its own factors
+        assert again.best == first.best
+        for n, p in first.result.factors.items():
+            assert torch.equal(again.result.factors[n].U, p.U)
+    with pytest.raises(lrinfer.LrinferError, match="asks for 9 calibration samples"):
+        lrinfer.search_recipes(dense, base, calib, held, [Recipe("svd", samples=9)], progress=False)
+    with pytest.raises(lrinfer.LrinferError, match="repeat"):
+        lrinfer.search_recipes(dense, base, calib, held, [a, Recipe("svd")], progress=False)
+
+
+def test_cli_auto_takes_candidates(model_dir, tmp_path, capsys):
+    out = tmp_path / "auto2"
+    common = ["compress", "--model", str(model_dir / "model"), "--ratio", "0.2", "--calib",
+              str(model_dir / "text.txt"), "--samples", "4", "--calib-seq-len", "32", "--heldout", "2",
+              "--batch-size", "4", "--out", str(out), "--no-eval", "--no-progress"]
+    assert main(common + ["--candidates", "svdllm"]) == 2          # without --method auto
+    assert "--method auto" in capsys.readouterr().err
+    assert main(common + ["--method", "auto", "--candidates", "svdllm%2", "saes:beta_max=0.5@last:k=2"]) == 0
+    search = json.loads((out / "report.json").read_text())["recipe_search"]
+    assert [t["label"] for t in search["trials"]] == ["svdllm / all / uniform / 2 samples",
+                                                      "saes(beta_max=0.5) / last(k=2.0) / uniform"]
+    qc = json.loads((out / "config.json").read_text())["quantization_config"]
+    assert qc["recipe_search"]["chosen"] == search["chosen_label"]
+    assert qc["config"]["n_samples"] == (2 if search["chosen_label"].startswith("svdllm") else 4)
