@@ -40,11 +40,15 @@ DEFAULT_METHODS = ["dense", "svd", "fwsvd", "asvd", "svdllm", "ressvd", "saes", 
 OUT = Path(__file__).parent / "results"
 
 
+def model_name(source: str) -> str:
+    return "SmolLM2-135M" if "smollm2" in source.lower() else Path(source).name
+
+
 def write(results: dict, stem: str) -> None:
     OUT.mkdir(parents=True, exist_ok=True)
     (OUT / f"{stem}.json").write_text(json.dumps(results, indent=2))
     runs = results["runs"]
-    lines = [f"# Compression methods on SmolLM2-135M (WikiText-2 PPL, {results['eval']})", "",
+    lines = [f"# Compression methods on {model_name(results.get('model', ''))} (WikiText-2 PPL, {results['eval']})", "",
              *[f"Command: `{c}`  " for c in dict.fromkeys(r.get("command", results["command"]) for r in runs)],
              f"Calibration: {results['calibration']}; host: {results['host']}",
              "", "| ratio | method | allocation | selection | achieved ratio | params (M) | compress s | PPL "
@@ -106,13 +110,13 @@ def record(stem: str, header: dict, run: dict) -> None:
         (OUT / f".{stem}.claims" / f"{run['spec']}@{run['ratio']}").unlink(missing_ok=True)
 
 
-def start(argv) -> tuple:
-    """Echo the command line, then load the data directory and the dense SmolLM2 (eval mode).
-    Returns (command, data_dir, dense, tokenizer, source)."""
+def start(argv, model: str | None = None) -> tuple:
+    """Echo the command line, then load the data directory and the dense model (default SmolLM2; eval
+    mode). Returns (command, data_dir, dense, tokenizer, source)."""
     command = "python " + " ".join(shlex.quote(a) for a in [sys.argv[0], *(argv if argv is not None else sys.argv[1:])])
     print(command, flush=True)
     data_dir = lrinfer.resolve_data_dir()
-    dense, tok, source = lrinfer.load_model()
+    dense, tok, source = lrinfer.load_model(model)
     return command, data_dir, dense.eval(), tok, source
 
 
@@ -128,6 +132,7 @@ def main(argv=None) -> None:
                     help="methods that also get --tasks (default: all)")
     ap.add_argument("--task-batch-size", type=int, default=8)
     ap.add_argument("--task-limit", type=int, default=None, help="first N questions only (a quick check)")
+    ap.add_argument("--model", default=None, help="any model lrinfer.load_model takes (default: SmolLM2-135M)")
     ap.add_argument("--stem", default="methods_smollm2")
     ap.add_argument("--fresh", action="store_true",
                     help="start over: drop the runs already in the JSON (give it to the first copy only)")
@@ -135,7 +140,7 @@ def main(argv=None) -> None:
                     help="torch threads while compressing (small SVDs/Cholesky scale badly on a shared CPU); "
                          "evaluation uses torch's default")
     args = ap.parse_args(argv)
-    command, data_dir, dense, tok, source = start(argv)
+    command, data_dir, dense, tok, source = start(argv, args.model)
     calib, calib_desc = lrinfer.calibration_batch(tok, "wikitext2", args.n_samples, args.seq_len, seed=0,
                                                   data_dir=data_dir)
     windows, eval_desc = lrinfer.eval_windows(tok, "wikitext2", args.seq_len, args.windows, data_dir)

@@ -1,4 +1,4 @@
-"""The recipe search on SmolLM2-135M, then every trial measured on the test split afterwards.
+"""The recipe search on SmolLM2-135M (or --model), then every trial measured on the test split afterwards.
 
     python bench/recipe_search.py --ratio 0.2 --windows 64 --tasks piqa
     python bench/recipe_search.py --ratio 0.4 --candidates saes saes@last:cap=0.45 saes@last:cap=0.6
@@ -31,12 +31,13 @@ from lrinfer.factors import unflatten_factors
 from lrinfer.recipe import Recipe, apply_result, default_candidates, search
 from lrinfer.zeroshot import evaluate_tasks
 
-from methods_table import OUT, locked, start
+from methods_table import OUT, locked, model_name, start
 
 
 def write(results: dict, stem: str) -> None:
     (OUT / f"{stem}.json").write_text(json.dumps(results, indent=2))
-    lines = ["# Recipe search on SmolLM2-135M", ""]
+    models = {model_name(r.get("model", "")) for r in results["searches"].values()}
+    lines = [f"# Recipe search on {', '.join(sorted(models))}", ""]
     for key, r in sorted(results["searches"].items()):
         lines += [f"## ratio {key}", "", f"Command: `{r['command']}`  ",
                   f"Calibration: {r['calibration']}; criterion: {r['criterion']}  ",
@@ -61,10 +62,11 @@ def main(argv=None) -> None:
     ap.add_argument("--heldout", type=int, default=8)
     ap.add_argument("--windows", type=int, default=64)
     ap.add_argument("--tasks", nargs="*", default=[])
+    ap.add_argument("--model", default=None, help="any model lrinfer.load_model takes (default: SmolLM2-135M)")
     ap.add_argument("--stem", default="recipes_smollm2")
     ap.add_argument("--compress-threads", type=int, default=1)
     args = ap.parse_args(argv)
-    command, data_dir, dense, tok, source = start(argv)
+    command, data_dir, dense, tok, source = start(argv, args.model)
     candidates = [Recipe.parse(s) for s in args.candidates] if args.candidates else default_candidates(args.ratio)
     base = lrinfer.CompressConfig(ratio=args.ratio, n_samples=args.samples, seq_len=args.seq_len)
     calib, heldout, calib_desc = calibration_split(tok, "wikitext2", args.samples, args.seq_len, args.heldout,
