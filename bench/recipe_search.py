@@ -41,7 +41,8 @@ def write(results: dict, stem: str) -> None:
     for key, r in sorted(results["searches"].items()):
         lines += [f"## ratio {key}", "", f"Command: `{r['command']}`  ",
                   f"Calibration: {r['calibration']}; criterion: {r['criterion']}  ",
-                  f"Test: {r['eval']}; host: {r['host']}", "",
+                  f"Test: {r['eval']}; host: {r['host']}; dense test PPL "
+                  f"{r.get('dense_test_ppl', float('nan')):.2f}", "",
                   "| recipe | held-out PPL (criterion) | test PPL | compress s | chosen |", "|---|---|---|---|---|"]
         for t in r["trials"]:
             lines.append(f"| {t['label']} | {t['heldout_ppl']:.2f} | {t.get('test_ppl', float('nan')):.2f} | "
@@ -98,6 +99,7 @@ def main(argv=None) -> None:
             results["searches"][f"{args.ratio:g}"] = report
             write(results, args.stem)
 
+    report["dense_test_ppl"] = lrinfer.perplexity(dense, windows, progress=False)["ppl"]
     for i, trial in enumerate(report["trials"]):
         if trial["heldout_ppl"] != float("inf"):
             trial["test_ppl"] = lrinfer.perplexity(patched(i), windows, progress=False)["ppl"]

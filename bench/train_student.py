@@ -1,6 +1,6 @@
 """Train a small Qwen2 model from a config, to test recipes on a second architecture offline.
 
-    python bench/train_student.py                      # ~20 min on one CPU core
+    python bench/train_student.py                      # 500 steps, ~25 min on one CPU core
     python bench/recipe_search.py --model out/qwen2-student --stem recipes_qwen2 ...
 
 No second real model is reachable offline, and a randomly initialised one has flat spectra that
@@ -17,6 +17,7 @@ import argparse
 import json
 import math
 import platform
+import sys
 import time
 from pathlib import Path
 
@@ -61,7 +62,7 @@ def heldout_ppl(model, ids: torch.Tensor, seq_len: int) -> float:
 def main(argv=None) -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--out", default="out/qwen2-student")
-    ap.add_argument("--steps", type=int, default=1200)
+    ap.add_argument("--steps", type=int, default=500)
     ap.add_argument("--batch", type=int, default=16)
     ap.add_argument("--seq-len", type=int, default=256)
     ap.add_argument("--vocab", type=int, default=4096)
@@ -104,7 +105,8 @@ def main(argv=None) -> None:
     out = Path(args.out)
     model.save_pretrained(out)
     tok.save_pretrained(out)
-    record = {"command": "python bench/train_student.py " + " ".join(argv or []), "data": desc,
+    command = " ".join(["python bench/train_student.py", *(sys.argv[1:] if argv is None else argv)])
+    record = {"command": command, "data": desc,
               "train": f"first {TRAIN_FRACTION:.0%} of the characters ({ids.numel()} tokens)",
               "model": model.config.to_dict(), "params": n_params, "args": vars(args),
               "seconds": round(time.perf_counter() - t0, 1), "final_loss": log[-1]["loss"],
