@@ -12,7 +12,7 @@ from typing import Callable
 
 import torch
 
-from .errors import LrinferError
+from .errors import LrinferError, check_options
 from .factors import rank_for_ratio
 from .models import LinearInfo
 
@@ -29,10 +29,7 @@ class Registered:
                 if p.kind == p.KEYWORD_ONLY}
 
     def __call__(self, *args, **options):
-        unknown = set(options) - set(self.options())
-        if unknown:
-            raise LrinferError(f"'{self.name}' has no option(s) {sorted(unknown)}; "
-                               f"its options are {self.options() or 'none'}")
+        check_options(f"'{self.name}'", options, self.options())
         return self.fn(*args, **options)
 
 

@@ -155,10 +155,9 @@ def cmd_compress(args) -> dict:
     if args.candidates:
         if not auto:
             raise LrinferError("--candidates lists recipes for --method auto; add --method auto or drop it")
-        from .recipe import Recipe
+        from .recipe import Recipe, check_candidates
         candidates = [Recipe.parse(spec) for spec in args.candidates]
-        for c in candidates:       # unknown names fail here, before the model loads
-            c.config(config)
+        check_candidates(candidates, config, config.n_samples)   # before the model loads
     out = Path(args.out or f"out/{Path(args.model or 'smollm2').stem}-{config.method}-{config.ratio:g}")
     from .checkpoint import _prepare_out_dir
     model, tok, source = load_model(args.model, dtype, device)

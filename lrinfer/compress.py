@@ -13,7 +13,7 @@ from . import allocation
 from .allocation import check_ratio
 from .calibration import (capture_inputs, collect_stats, fisher_information, linear_stages, run_block,
                           swapped_in)
-from .errors import LrinferError
+from .errors import LrinferError, check_options
 from .factors import FactorPair
 from .models import check_architecture, compressible_linears, decoder_blocks
 from .nn import LowRankLinear, replace_module
@@ -58,9 +58,7 @@ class CompressConfig:
         for what, reg, opts in (("solver", solver, self.method_options),
                                 ("selection", allocation.get_selection(self.selection), self.selection_options),
                                 ("allocation", allocation.get_allocator(self.allocation), self.allocation_options)):
-            if unknown := set(opts) - set(reg.options()):
-                raise LrinferError(f"{what} '{reg.name}' has no option(s) {sorted(unknown)}; "
-                                   f"its options are {reg.options() or 'none'}")
+            check_options(f"{what} '{reg.name}'", opts, reg.options())
         for name in ("rank_multiple", "n_samples", "seq_len", "batch_size"):
             if int(getattr(self, name)) < 1:
                 raise LrinferError(f"{name} must be >= 1; got {getattr(self, name)}")

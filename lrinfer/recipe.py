@@ -119,6 +119,21 @@ def default_candidates(ratio: float = 0.2) -> list[Recipe]:
     return out
 
 
+def check_candidates(candidates: list[Recipe], base: CompressConfig, n_calib: int) -> None:
+    """Every name, option and sample count valid for a search given `n_calib` calibration rows, and
+    no recipe twice; raises before any long work."""
+    if not candidates:
+        raise LrinferError("recipe search needs at least one candidate")
+    for c in candidates:
+        c.config(base)
+        if c.samples and c.samples > n_calib:
+            raise LrinferError(f"recipe {c.label!r} asks for {c.samples} calibration samples but the search "
+                               f"was given {n_calib}; raise --samples to at least {c.samples}")
+    if len({c.slug for c in candidates}) < len(candidates):
+        raise LrinferError("recipe search: the candidates repeat a recipe: "
+                           + ", ".join(c.label for c in candidates))
+
+
 @dataclass
 class SearchResult:
     best: Recipe
@@ -139,16 +154,7 @@ def search(dense: nn.Module, base: CompressConfig, calib_ids: torch.Tensor, held
     many first rows of `calib_ids`; the others on all of them. `dense` is left unchanged; patch the winner with
     `apply_result`. Trials are listed in candidate order."""
     candidates = candidates or default_candidates(base.ratio)
-    if not candidates:
-        raise LrinferError("recipe search needs at least one candidate")
-    for c in candidates:            # validate every name and size before the long work
-        c.config(base)
-        if c.samples and c.samples > calib_ids.shape[0]:
-            raise LrinferError(f"recipe {c.label!r} asks for {c.samples} calibration samples but the search "
-                               f"was given {calib_ids.shape[0]}; raise --samples to at least {c.samples}")
-    if len({c.slug for c in candidates}) < len(candidates):
-        raise LrinferError("recipe search: the candidates repeat a recipe: "
-                           + ", ".join(c.label for c in candidates))
+    check_candidates(candidates, base, calib_ids.shape[0])
     work = Path(work_dir) if work_dir else None
     trials_file = work / "trials.json" if work else None
     done: dict[str, dict] = {}

@@ -7,7 +7,7 @@ from typing import Callable
 
 import torch
 
-from ..errors import LrinferError
+from ..errors import LrinferError, check_options
 from ..factors import FactorPair
 
 # Statistics a solver can ask for (fields of `lrinfer.calibration.LinearStats`).
@@ -33,10 +33,7 @@ class Solver:
         return {p.name: p.default for p in params if p.kind == p.KEYWORD_ONLY}
 
     def __call__(self, W: torch.Tensor, stats, rank: int, **options) -> FactorPair:
-        unknown = set(options) - set(self.options())
-        if unknown:
-            raise LrinferError(f"solver '{self.name}' has no option(s) {sorted(unknown)}; "
-                               f"its options are {self.options() or 'none'}")
+        check_options(f"solver '{self.name}'", options, self.options())
         return self.solve(W, stats, rank, **options)
 
 
