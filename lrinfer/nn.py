@@ -7,15 +7,19 @@ import torch
 from torch import nn
 
 from .factors import FactorPair
-from .kernels import lowrank_linear
+from .kernels.ops import _validate, lowrank_forward
 
 
 class LowRankLinear(nn.Module):
     """Drop-in for `nn.Linear`: y = (x V) Uᵀ [+ (x V2) U2ᵀ] + bias.
 
     V [in, k], U [out, k]; the optional residual pair V2 [in, k2], U2 [out, k2] (ResSVD).
-    The forward is one call of `torch.ops.lrinfer.lowrank_linear` (Triton on CUDA, torch elsewhere).
+    The forward computes `torch.ops.lrinfer.lowrank_linear` (Triton on CUDA, torch elsewhere); the
+    factors are checked against each other once, not on every call (again after `.to()` or a new
+    parameter), and each call only compares x's width, dtype and device with V's.
     """
+
+    _checked = False   # the factors' shapes, dtypes and devices agree (see `forward`)
 
     def __init__(self, in_features: int, out_features: int, rank: int, rank2: int = 0,
                  bias: bool = False, device=None, dtype=None):
@@ -67,7 +71,20 @@ class LowRankLinear(nn.Module):
         return self.factors().dense()
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return lowrank_linear(x, self.V, self.U, self.bias, self.V2, self.U2)
+        V = self.V
+        if not self._checked or x.shape[-1] != V.shape[0] or x.dtype != V.dtype or x.device != V.device:
+            _validate(x, V, self.U, self.bias, self.V2, self.U2)   # raises, naming the mismatch
+            self._checked = True
+        return lowrank_forward(x, V, self.U, self.bias, self.V2, self.U2)
+
+    def __setattr__(self, name, value):
+        if name in ("V", "U", "V2", "U2", "bias"):
+            self.__dict__["_checked"] = False
+        super().__setattr__(name, value)
+
+    def _apply(self, fn, recurse=True):
+        self._checked = False
+        return super()._apply(fn, recurse)
 
     def extra_repr(self) -> str:
         r2 = f", rank2={self.rank2}" if self.rank2 else ""

@@ -10,6 +10,7 @@ path does no host syncs and no value-dependent allocation, so it can be captured
 from __future__ import annotations
 
 import torch
+from torch.utils import _python_dispatch
 
 from . import configs
 
@@ -149,11 +150,32 @@ def _backward(ctx, g):
 _lowrank_linear_op.register_autograd(_backward, setup_context=_setup_context)
 
 
+def _needs_op(x: torch.Tensor) -> bool:
+    """True when something is tracing or capturing, so the call must go through the registered op:
+    torch.compile / export, a tensor subclass (fake, functional), an active dispatch mode, or CUDA-graph
+    capture. Otherwise the eager call skips the custom-op dispatch, which costs about as much as the
+    math at decode sizes on a CPU."""
+    return (torch.compiler.is_compiling() or type(x) is not torch.Tensor
+            or _python_dispatch._get_current_dispatch_mode() is not None
+            or (x.is_cuda and torch.cuda.is_current_stream_capturing()))
+
+
+def lowrank_forward(x, V, U, bias=None, V2=None, U2=None):
+    """`lowrank_linear` without the argument checks, for callers that validated once (`LowRankLinear`)."""
+    if _needs_op(x):
+        return torch.ops.lrinfer.lowrank_linear(x, V, U, bias, V2, U2)
+    if _use_triton(x):
+        return _triton_forward(x, V, U, bias, V2, U2)
+    return lowrank_linear_reference(x, V, U, bias, V2, U2)
+
+
 def lowrank_linear(x, V, U, bias=None, V2=None, U2=None):
-    """y = (x V) Uᵀ [+ (x V2) U2ᵀ] + bias through `torch.ops.lrinfer.lowrank_linear`.
+    """y = (x V) Uᵀ [+ (x V2) U2ᵀ] + bias, the math of `torch.ops.lrinfer.lowrank_linear`.
 
     x [..., in]; V [in, k]; U [out, k]; bias [out] or None; V2 [in, k2], U2 [out, k2] or None.
     A residual pair may also be passed pre-concatenated: V = [V|V2], U = [U|U2].
+    Under torch.compile, fake tensors or CUDA-graph capture this calls the registered op; in plain
+    eager mode it runs the same kernels directly.
     """
     _validate(x, V, U, bias, V2, U2)
-    return torch.ops.lrinfer.lowrank_linear(x, V, U, bias, V2, U2)
+    return lowrank_forward(x, V, U, bias, V2, U2)
