@@ -22,16 +22,14 @@ def _defaults() -> dict:
 
 
 def _options(pairs: list[str] | None, flag: str) -> dict:
-    """["beta=0.5", "mode=plain"] -> {"beta": 0.5, "mode": "plain"} (values parsed as JSON when they can be)."""
+    """["beta=0.5", "mode=plain"] -> {"beta": 0.5, "mode": "plain"} (see `registry.parse_value`)."""
+    from .registry import parse_value
     out = {}
     for pair in pairs or []:
         key, sep, value = pair.partition("=")
         if not sep or not key:
             raise LrinferError(f"{flag} takes KEY=VALUE; got '{pair}'")
-        try:
-            out[key] = json.loads(value)
-        except json.JSONDecodeError:
-            out[key] = value
+        out[key] = parse_value(value)
     return out
 
 
@@ -53,7 +51,8 @@ def _common(p: argparse.ArgumentParser) -> None:
 
 
 def build_parser() -> argparse.ArgumentParser:
-    from .allocation import ALLOCATORS, SELECTIONS
+    from .allocation import ALLOCATORS
+    from .selection import SELECTIONS
     from .solvers import SOLVERS
 
     d = _defaults()

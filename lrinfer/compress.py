@@ -9,16 +9,16 @@ import torch
 from torch import nn
 from tqdm.auto import tqdm
 
-from . import allocation
-from .allocation import check_ratio
+from .allocation import get_allocator
 from .calibration import (capture_inputs, collect_stats, fisher_information, linear_stages, run_block,
                           swapped_in)
-from .errors import LrinferError, check_options
-from .factors import FactorPair
+from .errors import LrinferError
+from .factors import FactorPair, check_ratio
 from .models import check_architecture, compressible_linears, decoder_blocks
 from .nn import LowRankLinear, replace_module
-from .solvers import get_solver
 from .resume import WorkDir, fingerprint
+from .selection import get_selection
+from .solvers import get_solver
 from .solvers.linalg import whitener
 
 log = logging.getLogger(__name__)
@@ -55,10 +55,10 @@ class CompressConfig:
         check_ratio(self.ratio)
         solver = get_solver(self.method)
         self.selection = self.selection or solver.selection
-        for what, reg, opts in (("solver", solver, self.method_options),
-                                ("selection", allocation.get_selection(self.selection), self.selection_options),
-                                ("allocation", allocation.get_allocator(self.allocation), self.allocation_options)):
-            check_options(f"{what} '{reg.name}'", opts, reg.options())
+        for what, method, opts in (("solver", solver, self.method_options),
+                                   ("selection", get_selection(self.selection), self.selection_options),
+                                   ("allocation", get_allocator(self.allocation), self.allocation_options)):
+            method.check(opts, f"{what} '{method.name}'")
         for name in ("rank_multiple", "n_samples", "seq_len", "batch_size"):
             if int(getattr(self, name)) < 1:
                 raise LrinferError(f"{name} must be >= 1; got {getattr(self, name)}")
@@ -136,9 +136,9 @@ def compress(model: nn.Module, config: CompressConfig, calib_ids: torch.Tensor, 
     if saved:
         ranks = saved.ranks
     else:
-        selected, inner_ratio = allocation.get_selection(config.selection)(
+        selected, inner_ratio = get_selection(config.selection)(
             linears, config.ratio, **config.selection_options)
-        allocator = allocation.get_allocator(config.allocation)
+        allocator = get_allocator(config.allocation)
         spectra = None
         if allocator.needs_spectra:
             streams = capture_inputs(model, blocks, calib_ids, config.batch_size, device)

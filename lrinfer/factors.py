@@ -11,6 +11,8 @@ from dataclasses import dataclass
 
 import torch
 
+from .errors import LrinferError
+
 
 @dataclass
 class FactorPair:
@@ -95,6 +97,14 @@ def unflatten_factors(tensors: dict[str, torch.Tensor]) -> dict[str, "FactorPair
     names = {k.rsplit(".", 1)[0] for k in tensors}
     return {n: FactorPair(tensors[f"{n}.U"], tensors[f"{n}.V"], tensors.get(f"{n}.U2"), tensors.get(f"{n}.V2"))
             for n in names}
+
+
+def check_ratio(ratio: float, what: str = "ratio") -> float:
+    """`ratio` as a float, or a one-line error unless 0 < ratio < 1."""
+    if not isinstance(ratio, (int, float)) or not 0.0 < ratio < 1.0:
+        raise LrinferError(f"{what} must be strictly between 0 and 1 (the fraction of the linears' "
+                           f"parameters removed, e.g. 0.2); got {ratio}")
+    return float(ratio)
 
 
 def rank_for_ratio(in_features: int, out_features: int, ratio: float, multiple: int = 1) -> int:

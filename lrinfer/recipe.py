@@ -24,6 +24,7 @@ from .errors import LrinferError
 from .evaluate import perplexity
 from .factors import flatten_factors, unflatten_factors
 from .nn import LowRankLinear, replace_module
+from .registry import parse_value
 from .resume import save_tensors
 
 log = logging.getLogger(__name__)
@@ -56,13 +57,10 @@ class Recipe:
             options = {}
             for kv in filter(None, opts.split(",")):
                 k, eq, v = kv.partition("=")
-                try:
-                    options[k.strip()] = float(v)
-                except ValueError:
-                    eq = ""
-                if not eq or not k.strip():
-                    raise LrinferError(f"recipe {spec!r}: option {kv!r} is not KEY=NUMBER "
+                if not eq or not k.strip() or not v.strip():
+                    raise LrinferError(f"recipe {spec!r}: option {kv!r} is not KEY=VALUE "
                                        "(write e.g. saes:beta_max=0.9+drank@last:cap=0.3%128)")
+                options[k.strip()] = parse_value(v.strip())
             return name.strip() or default, options
 
         method, m_opts = named(method, None)
@@ -91,6 +89,7 @@ class Recipe:
         return re.sub(r"[^A-Za-z0-9.=,-]+", "_", self.label).strip("_")
 
     def config(self, base: CompressConfig) -> CompressConfig:
+        """`base` with this recipe's stages, options and sample count; raises on a bad name or option."""
         return replace(base, method=self.method, selection=self.selection, allocation=self.allocation,
                        method_options=dict(self.method_options), selection_options=dict(self.selection_options),
                        allocation_options=dict(self.allocation_options),

@@ -2,8 +2,8 @@
 import pytest
 import torch
 
-from lrinfer.allocation import achieved_ratio, effective_rank, get_allocator
-from lrinfer.allocators.drank import lagrange_ranks, rebalance_attention, tail_energy
+from lrinfer.allocation import achieved_ratio, get_allocator
+from lrinfer.allocation.drank import effective_rank, lagrange_ranks, rebalance_attention, tail_energy
 from lrinfer.errors import LrinferError
 from lrinfer.models import LinearInfo
 

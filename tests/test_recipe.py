@@ -97,18 +97,26 @@ def test_selection_keeps_costly_first_layers_dense(make_tiny):
 
 def test_recipe_spec_parses_every_stage():
     r = Recipe.parse("saes:beta_min=0,beta_max=0.9+drank@last:cap=0.3%128")
-    assert r == Recipe("saes", "last", "drank", {"beta_min": 0.0, "beta_max": 0.9}, {"cap": 0.3}, {}, 128)
-    assert r.label == "saes(beta_max=0.9,beta_min=0.0) / last(cap=0.3) / drank / 128 samples"
+    assert r == Recipe("saes", "last", "drank", {"beta_min": 0, "beta_max": 0.9}, {"cap": 0.3}, {}, 128)
+    assert r.label == "saes(beta_max=0.9,beta_min=0) / last(cap=0.3) / drank / 128 samples"
     assert Recipe.parse("ressvd") == Recipe("ressvd", "last")        # the solver's own selection
     assert Recipe.parse("svdllm+drank") == Recipe("svdllm", allocation="drank")
     cfg = Recipe.parse("saes@last:k=3%16").config(lrinfer.CompressConfig(ratio=0.2))
-    assert (cfg.selection, cfg.selection_options, cfg.n_samples) == ("last", {"k": 3.0}, 16)
-    for bad, says in [("", "names no solver"), ("+drank", "names no solver"), ("saes@last:cap", "KEY=NUMBER"),
-                      ("saes:beta=high", "KEY=NUMBER"), ("saes%0", "positive integer"), ("nosuch", "nosuch")]:
+    assert (cfg.selection, cfg.selection_options, cfg.n_samples) == ("last", {"k": 3}, 16)
+    # ints and strings as well as floats, checked against the options' types before any work
+    cfg = Recipe.parse("ressvd:mode=same_metric,beta=0.1@last:k=3").config(lrinfer.CompressConfig(ratio=0.2))
+    assert cfg.method_options == {"mode": "same_metric", "beta": 0.1} and cfg.selection_options == {"k": 3}
+    assert Recipe.parse("fwsvd:axis=in").config(lrinfer.CompressConfig(ratio=0.2)).method_options == {"axis": "in"}
+    assert Recipe.parse("saes:beta=null").config(lrinfer.CompressConfig(ratio=0.2)).method_options == {"beta": None}
+    for bad, says in [("", "names no solver"), ("+drank", "names no solver"), ("saes@last:cap", "KEY=VALUE"),
+                      ("saes@last:cap=", "KEY=VALUE"), ("saes%0", "positive integer"), ("nosuch", "nosuch")]:
         with pytest.raises(lrinfer.LrinferError, match=says):
             Recipe.parse(bad)
-    with pytest.raises(lrinfer.LrinferError, match="no option.*betamax"):   # caught before any work
-        Recipe.parse("saes:betamax=0.9").config(lrinfer.CompressConfig(ratio=0.2))
+    for bad, says in [("saes:betamax=0.9", "no option.*betamax"), ("saes:beta=high", "beta='high' is not a float or None"),
+                      ("ressvd:mode=bogus", "mode='bogus' is not one of 'whiten_then_plain'"),
+                      ("ressvd@last:k=2.5", "k=2.5 is not an int or None"), ("svdllm+drank:fallback=1", "a bool")]:
+        with pytest.raises(lrinfer.LrinferError, match=says):   # caught when the config is built, before any work
+            Recipe.parse(bad).config(lrinfer.CompressConfig(ratio=0.2))
 
 
 def test_search_resumes_by_recipe_and_slices_calibration(make_tiny, tmp_path, monkeypatch):
@@ -150,7 +158,7 @@ def test_cli_auto_takes_candidates(model_dir, tmp_path, capsys):
     assert main(common + ["--method", "auto", "--candidates", "svdllm%2", "saes:beta_max=0.5@last:k=2"]) == 0
     search = json.loads((out / "report.json").read_text())["recipe_search"]
     assert [t["label"] for t in search["trials"]] == ["svdllm / all / uniform / 2 samples",
-                                                      "saes(beta_max=0.5) / last(k=2.0) / uniform"]
+                                                      "saes(beta_max=0.5) / last(k=2) / uniform"]
     qc = json.loads((out / "config.json").read_text())["quantization_config"]
     assert qc["recipe_search"]["chosen"] == search["chosen_label"]
     assert qc["config"]["n_samples"] == (2 if search["chosen_label"].startswith("svdllm") else 4)

@@ -1,25 +1,22 @@
-"""Solvers: (W [out, in], LinearStats, rank) -> FactorPair. One file per method; they register by name."""
+"""Stage 3, solving: (W [out, in], LinearStats, rank) -> FactorPair, one file per method, registered
+with `@register_solver(name, needs=...)`; `needs` names the calibration statistics it reads."""
 from __future__ import annotations
 
-import inspect
 from dataclasses import dataclass
-from typing import Callable
 
 import torch
 
-from ..errors import LrinferError, check_options
 from ..factors import FactorPair
+from ..registry import Method, Registry
 
 # Statistics a solver can ask for (fields of `lrinfer.calibration.LinearStats`).
 STAT_FIELDS = frozenset({"gram", "gram_hat", "cross", "abs_sum", "fisher"})
 
 
 @dataclass(frozen=True)
-class Solver:
-    name: str
-    solve: Callable[..., FactorPair]   # solve(W, stats, rank, **options) -> FactorPair
-    needs: frozenset                   # subset of STAT_FIELDS
-    summary: str
+class Solver(Method):
+    """`solve(W, stats, rank, *, option=default) -> FactorPair` and what it needs."""
+    needs: frozenset = frozenset()     # subset of STAT_FIELDS
     selection: str = "all"             # the layer selection the method's paper uses by default
 
     @property
@@ -27,17 +24,8 @@ class Solver:
         """True when the solver reads inputs of the compressed-so-far model (X̂)."""
         return bool(self.needs & {"gram_hat", "cross"})
 
-    def options(self) -> dict:
-        """Keyword options of `solve` and their defaults."""
-        params = list(inspect.signature(self.solve).parameters.values())[3:]
-        return {p.name: p.default for p in params if p.kind == p.KEYWORD_ONLY}
 
-    def __call__(self, W: torch.Tensor, stats, rank: int, **options) -> FactorPair:
-        check_options(f"solver '{self.name}'", options, self.options())
-        return self.solve(W, stats, rank, **options)
-
-
-SOLVERS: dict[str, Solver] = {}
+SOLVERS = Registry("method")
 
 
 def register_solver(name: str, needs=(), summary: str = "", selection: str = "all"):
@@ -49,15 +37,13 @@ def register_solver(name: str, needs=(), summary: str = "", selection: str = "al
         raise ValueError(f"unknown statistics {sorted(needs - STAT_FIELDS)}; known: {sorted(STAT_FIELDS)}")
 
     def deco(fn):
-        SOLVERS[name] = Solver(name, fn, needs, summary or (fn.__doc__ or "").strip().splitlines()[0], selection)
+        SOLVERS[name] = Solver(name, fn, summary or (fn.__doc__ or "").strip().splitlines()[0], needs, selection)
         return fn
     return deco
 
 
 def get_solver(name: str) -> Solver:
-    if name not in SOLVERS:
-        raise LrinferError(f"unknown method '{name}'; choose one of: {', '.join(sorted(SOLVERS))}")
-    return SOLVERS[name]
+    return SOLVERS.lookup(name)
 
 
 def truncated_svd(A: torch.Tensor, rank: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
@@ -73,10 +59,4 @@ def split_sigma(U: torch.Tensor, s: torch.Tensor, Vh: torch.Tensor) -> tuple[tor
 
 
 # Import the solver modules so they register (order = CLI listing order).
-from . import svd, svdllm  # noqa: E402,F401
-for _optional in ("asvd", "fwsvd", "ressvd", "saes"):
-    try:
-        __import__(f"{__name__}.{_optional}")
-    except ModuleNotFoundError as e:  # not written yet
-        if e.name != f"{__name__}.{_optional}":
-            raise
+from . import svd, svdllm, asvd, fwsvd, ressvd, saes  # noqa: E402,F401

@@ -18,6 +18,7 @@ terms, so the re-implementation's absolute 1e-5 would swamp them).
 from __future__ import annotations
 
 import logging
+from typing import Literal
 
 import torch
 
@@ -29,7 +30,7 @@ log = logging.getLogger(__name__)
 
 
 @register_solver("fwsvd", needs=("fisher",), summary="Fisher-weighted SVD (row importance from Σ(∂L/∂W)²)")
-def solve(W: torch.Tensor, stats, rank: int, *, axis: str = "out", eps: float = 1e-5) -> FactorPair:
+def solve(W: torch.Tensor, stats, rank: int, *, axis: Literal["out", "in"] = "out", eps: float = 1e-5) -> FactorPair:
     """W [out, in], stats.fisher [out, in] -> U [out, r], V [in, r].
 
     axis="out": minimises ‖diag(d)(W − U Vᵀ)‖_F, d [out]; axis="in": ‖(W − U Vᵀ) diag(d)‖_F, d [in].

@@ -23,20 +23,21 @@ in weight space is the most literal reading. It is slightly worse than SVD-LLM o
 objective (Eckart–Young) but keeps weight-space energy that whitening drops. No public source
 settles this (METHODS.md §9.1).
 
-PLC is the selection ``"last"`` registered here: only the last k decoder blocks are compressed,
-each at R_l = ratio·(all params)/(selected params) (= N·ratio/k for identical blocks).
+PLC is the layer selection ``"last"`` (lrinfer/selection/last.py), this solver's default selection.
 """
 from __future__ import annotations
 
+from typing import Literal, get_args
+
 import torch
 
-from ..allocation import check_ratio, ratio_within, register_selection
 from ..errors import LrinferError
 from ..factors import FactorPair
 from . import register_solver, split_sigma, truncated_svd
 from .linalg import whitener
 
-MODES = ("whiten_then_plain", "same_metric", "plain_then_plain", "plain_then_whiten")
+Mode = Literal["whiten_then_plain", "same_metric", "plain_then_plain", "plain_then_whiten"]
+MODES = get_args(Mode)
 
 
 def residual_rank(out_features: int, in_features: int, rank: int, beta: float) -> int:
@@ -56,7 +57,7 @@ def _truncate(A: torch.Tensor, rank: int, L: torch.Tensor | None, Linv: torch.Te
 
 @register_solver("ressvd", needs=("gram",), selection="last",
                  summary="ResSVD: whitened truncation + rank-β·α residual compensation; last-k-layer PLC")
-def solve(W: torch.Tensor, stats, rank: int, *, beta: float = 0.05, mode: str = "whiten_then_plain",
+def solve(W: torch.Tensor, stats, rank: int, *, beta: float = 0.05, mode: Mode = "whiten_then_plain",
           damp: float = 1e-6) -> FactorPair:
     """W [out, in], stats.gram [in, in] -> U [out, r1], V [in, r1], U2 [out, r2], V2 [in, r2], r1 + r2 = rank.
 
@@ -82,39 +83,3 @@ def solve(W: torch.Tensor, stats, rank: int, *, beta: float = 0.05, mode: str = 
     R = W - U @ V.t()
     U2, V2 = _truncate(R, r2, L if second else None, Linv if second else None)
     return FactorPair(U, V, U2, V2)
-
-
-@register_selection("last", summary="ResSVD partial-layer compression: only the last k decoder blocks")
-def select_last(linears, ratio: float, *, k: int | None = None, cap: float = 0.6):
-    """Keep the linears of the last `k` decoder blocks; they must remove ratio·(all params).
-
-    linears: every compressible LinearInfo. Returns (selected, R_l) with
-    R_l = ratio·Σ_all params / Σ_selected params (= N·ratio/k for identical blocks).
-    k=None: the smallest k whose R_l ≤ `cap` (all blocks if even k = N exceeds it, then R_l = ratio).
-    The paper searches k by calibration error (Alg. 3, criterion unpublished); this rule is ours:
-    cap = 0.6 keeps every compressed block at ≥ 40 % of its parameters, well inside the
-    feasibility limit R_l < 1 − β (the residual rank must fit, METHODS.md §1.3).
-    """
-    check_ratio(ratio)
-    if not 0.0 < cap < 1.0:
-        raise LrinferError(f"last: cap (largest per-layer ratio when k is derived) must be in (0, 1); got {cap}")
-    blocks = sorted({f.block for f in linears})
-    n = len(blocks)
-    if n == 0:
-        raise LrinferError("last: no compressible linears")
-
-    def pick(kk):
-        keep = set(blocks[n - kk:])
-        return [f for f in linears if f.block in keep]
-
-    if k is not None:
-        if not isinstance(k, int) or not 1 <= k <= n:
-            raise LrinferError(f"last: k must be an integer in [1, {n}] (the number of decoder blocks); got {k}")
-        sel = pick(k)
-        return sel, ratio_within(sel, linears, ratio)
-    total = sum(f.dense_params for f in linears)
-    for kk in range(1, n + 1):
-        sel = pick(kk)
-        if ratio * total / sum(f.dense_params for f in sel) <= cap + 1e-12:
-            return sel, ratio_within(sel, linears, ratio)
-    return linears, ratio

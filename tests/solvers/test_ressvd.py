@@ -2,7 +2,7 @@ import pytest
 import torch
 
 from lrinfer import CompressConfig
-from lrinfer.allocation import get_selection, ratio_within
+from lrinfer.selection import get_selection, ratio_within
 from lrinfer.errors import LrinferError
 from lrinfer.models import LinearInfo
 from lrinfer.solvers import get_solver

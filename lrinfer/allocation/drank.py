@@ -24,15 +24,26 @@ Choices where the paper/code is ambiguous (METHODS.md §3):
   for GQA (LLaMA-3, commented out). `tax=None` picks 0.2 when v_proj is as wide as q_proj and 0.1
   otherwise (GQA: V is narrow, so a Q/K tax in parameters buys many V ranks and saturates V fast).
   Parameter units make both cases correct; for MHA they coincide with rank units.
-* The code-only fallback to static ranks when the dynamic tail energy is not lower (and always for
-  gate_proj) is not implemented: the allocation is always dynamic.
+* The official code's fallback is the default (`fallback=True`): o/gate/up/down keep their dynamic
+  ranks only when these lower the type's whitened tail energy, else uniform ranks; q/k/v are always
+  dynamic. `fallback=False` keeps the pure dynamic allocation for every type.
 """
 from __future__ import annotations
 
 import math
 
-from ..allocation import effective_rank, register_allocator
+import torch
+
 from ..errors import LrinferError
+from . import register_allocator
+
+
+def effective_rank(s: torch.Tensor) -> float:
+    """exp(entropy) of the normalised squared singular values s [n] (D-Rank's information density)."""
+    p = s.double().pow(2)
+    p = p / p.sum().clamp_min(1e-300)
+    return float(torch.exp(-(p * p.clamp_min(1e-300).log()).sum()))
+
 
 Q_KINDS = ("q_proj", "k_proj")
 V_KIND = "v_proj"

@@ -1,0 +1,39 @@
+"""Stage 1, layer selection: which linears are compressed, and the ratio they must reach so that the
+removed parameters equal `ratio` × all compressible parameters.
+
+A selection is `select(linears, ratio, *, option=default) -> (selected linears, ratio within them)`,
+one file per method, registered with `@register_selection(name)`.
+"""
+from __future__ import annotations
+
+from ..errors import LrinferError
+from ..models import LinearInfo
+from ..registry import Method, Registry
+
+SELECTIONS = Registry("layer selection")
+
+
+def register_selection(name: str, summary: str = ""):
+    """Decorator registering `select(linears, ratio, *, option=...)` under `name`."""
+    def deco(fn):
+        SELECTIONS[name] = Method(name, fn, summary)
+        return fn
+    return deco
+
+
+def get_selection(name: str) -> Method:
+    return SELECTIONS.lookup(name)
+
+
+def ratio_within(selected: list[LinearInfo], all_linears: list[LinearInfo], ratio: float) -> float:
+    """The ratio the selected linears must reach to remove `ratio` of all linears' parameters."""
+    total = sum(f.dense_params for f in all_linears)
+    part = sum(f.dense_params for f in selected)
+    inner = ratio * total / part
+    if inner >= 1.0:
+        raise LrinferError(f"the selected layers hold {part / total:.0%} of the parameters, too few to remove "
+                           f"{ratio:.0%} of all; select more layers or lower the ratio")
+    return inner
+
+
+from . import all, last  # noqa: E402,F401,A004  (register; order = `lrinfer methods` order)
