@@ -136,11 +136,21 @@ def _unique_state_dict(model: nn.Module) -> tuple[dict[str, torch.Tensor], dict[
     return tensors, aliases
 
 
+def save_dtype(model: nn.Module) -> torch.dtype:
+    """The dtype a checkpoint of `model` is written in by default: the source's own 16-bit dtype when it
+    has one, else bfloat16 (a GGUF dequantizes to float32, but its model is a 16-bit model; the factors
+    are balanced, so 16 bits lose little: docs/results.md)."""
+    dtype = getattr(getattr(model, "config", None), "dtype", None)
+    dtype = getattr(torch, dtype, None) if isinstance(dtype, str) else dtype
+    return dtype if dtype in (torch.float16, torch.bfloat16) else torch.bfloat16
+
+
 def save_checkpoint(model: nn.Module, tokenizer, out: str | os.PathLike, quantization_config: dict,
                     base_model: str, extra_files: dict[str, bytes] | None = None,
-                    overwrite: bool = False) -> Path:
-    """Write the patched `model` to `out` atomically. `quantization_config` holds at least
-    method, ratio and ranks {name: [rank, rank2]}. Returns the directory."""
+                    overwrite: bool = False, dtype: torch.dtype | None = None) -> Path:
+    """Write the patched `model` to `out` atomically, its floating tensors in `dtype` (default: as they
+    are; see `save_dtype`). `quantization_config` holds at least method, ratio and ranks
+    {name: [rank, rank2]}. Returns the directory."""
     from safetensors.torch import save_file
 
     out = Path(out)
@@ -151,9 +161,15 @@ def save_checkpoint(model: nn.Module, tokenizer, out: str | os.PathLike, quantiz
     tmp.mkdir()
     try:
         tensors, aliases = _unique_state_dict(model)
+        if dtype is not None:
+            tensors = {k: v.to(dtype) if v.is_floating_point() else v for k, v in tensors.items()}
         save_file({k: v.cpu() for k, v in tensors.items()}, str(tmp / WEIGHTS), metadata={"format": "pt"})
         qc = {"quant_method": QUANT_METHOD, "format_version": FORMAT_VERSION, **quantization_config}
         config = model.config.to_dict()
+        if not config.get("architectures"):   # None for models loaded from GGUF; vLLM and others key on it
+            config["architectures"] = [type(model).__name__]
+        if dtype is not None:
+            config["dtype"] = str(dtype).removeprefix("torch.")
         config["quantization_config"] = qc
         (tmp / "config.json").write_text(json.dumps(config, indent=2, sort_keys=True, default=str))
         if tokenizer is not None:

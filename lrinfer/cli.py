@@ -40,12 +40,13 @@ def _eval_args(p: argparse.ArgumentParser, data_default: str = "wikitext2") -> N
     p.add_argument("--eval-batch-size", type=int, default=4)
 
 
-def _common(p: argparse.ArgumentParser) -> None:
+def _common(p: argparse.ArgumentParser, dtype_help: str = "compute dtype (default: the model's own)") -> None:
     p.add_argument("--data-dir", default=None,
                    help="local data directory (WikiText-2, PIQA); default $LRINFER_DATA_DIR or ../shared/data")
     p.add_argument("--device", default=None, help="cpu, cuda, cuda:1 ... (default: cuda when available)")
-    p.add_argument("--dtype", default=None, choices=["float32", "float16", "bfloat16"])
+    p.add_argument("--dtype", default=None, choices=["float32", "float16", "bfloat16"], help=dtype_help)
     p.add_argument("--json", action="store_true", help="print the JSON report on stdout")
+    p.add_argument("--verbose", action="store_true", help="print every log line (e.g. each layer's numerical fallback)")
     p.add_argument("--debug", action="store_true", help="show tracebacks and debug logs")
     p.add_argument("--no-progress", action="store_true", help="hide progress bars")
 
@@ -76,7 +77,7 @@ def build_parser() -> argparse.ArgumentParser:
     c.add_argument("--allocation", default=d["allocation"], choices=sorted(ALLOCATORS),
                    help=f"rank allocation (default {d['allocation']})")
     c.add_argument("--rank-multiple", type=int, default=d["rank_multiple"],
-                   help=f"round ranks down to a multiple of this (default {d['rank_multiple']})")
+                   help=f"round ranks to the nearest multiple of this (default {d['rank_multiple']})")
     c.add_argument("--modules", default=None, help="comma-separated linear names to compress (default: all)")
     c.add_argument("--calib", default=d["calib"], help="wikitext2, self, or a .txt/.jsonl file")
     c.add_argument("--samples", type=int, default=d["n_samples"], help=f"calibration samples (default {d['n_samples']})")
@@ -92,8 +93,10 @@ def build_parser() -> argparse.ArgumentParser:
     c.add_argument("--resume", action="store_true",
                    help="continue an interrupted run with the same arguments (progress is kept beside --out)")
     c.add_argument("--no-eval", action="store_true", help="skip the perplexity of dense and compressed models")
+    c.add_argument("--compute-dtype", default=None, choices=["float32", "float16", "bfloat16"],
+                   help="dtype the model is loaded and calibrated in (default: as loaded; a GGUF gives float32)")
     _eval_args(c)
-    _common(c)
+    _common(c, dtype_help="dtype of the written checkpoint (default: the source's own 16-bit dtype, else bfloat16)")
 
     e = sub.add_parser("eval", help="perplexity (and zero-shot tasks) of a compressed directory or a dense model")
     e.add_argument("model", help="compressed directory, HF directory, .gguf file, hub id, or 'smollm2'")
@@ -104,6 +107,10 @@ def build_parser() -> argparse.ArgumentParser:
     e.add_argument("--no-ppl", action="store_true", help="skip perplexity (only --tasks)")
     _common(e)
 
+    m = sub.add_parser("methods", help="every solver, rank allocation and layer selection, with its options")
+    m.add_argument("--json", action="store_true")
+    m.add_argument("--debug", action="store_true")
+
     i = sub.add_parser("info", help="describe a compressed directory")
     i.add_argument("dir")
     i.add_argument("--json", action="store_true")
@@ -111,12 +118,84 @@ def build_parser() -> argparse.ArgumentParser:
 
     from . import plot
     plot.add_parser(sub)
+    _add_generate_bench(sub)
     return parser
+
+
+def _add_generate_bench(sub) -> None:
+    """`lrinfer generate` and `lrinfer bench` (lrinfer/generate.py, lrinfer/benchmark.py)."""
+    def device_args(p):
+        p.add_argument("--device", default=None, help="cpu, cuda, cuda:1 ... (default: cuda when available)")
+        p.add_argument("--dtype", default=None, choices=["float32", "float16", "bfloat16"])
+        p.add_argument("--json", action="store_true", help="print the JSON report on stdout")
+        p.add_argument("--debug", action="store_true", help="show tracebacks and debug logs")
+
+    g = sub.add_parser("generate", help="complete a prompt with a compressed directory or a dense model")
+    g.add_argument("model", help="compressed directory, HF directory, .gguf file, hub id, or 'smollm2'")
+    g.add_argument("prompt")
+    g.add_argument("--max-new-tokens", type=int, default=128)
+    g.add_argument("--raw", action="store_true", help="feed the prompt as is, without the chat template")
+    g.add_argument("--sample", action="store_true", help="sample instead of greedy decoding")
+    g.add_argument("--temperature", type=float, default=1.0, help="with --sample (default 1.0)")
+    g.add_argument("--top-p", type=float, default=1.0, help="with --sample: nucleus mass (default 1.0: off)")
+    g.add_argument("--seed", type=int, default=None, help="with --sample: random seed")
+    device_args(g)
+
+    b = sub.add_parser("bench", help="prefill/decode speed and memory: a compressed directory against its dense base")
+    b.add_argument("dir", help="compressed directory")
+    b.add_argument("--base", default=None, help="the dense model (default: base_model recorded in the checkpoint)")
+    b.add_argument("--batch", type=int, nargs="+", default=[1], help="batch sizes (default 1)")
+    b.add_argument("--prompt-len", type=int, default=128, help="prompt tokens per sequence (default 128)")
+    b.add_argument("--new-tokens", type=int, default=64, help="decode steps per run (default 64)")
+    b.add_argument("--repeats", type=int, default=5, help="timed runs per side; the median is reported (default 5)")
+    b.add_argument("--threads", type=int, default=None, help="torch CPU threads (default: torch's)")
+    b.add_argument("--cache", choices=["static", "dynamic"], default="static", help="KV cache (default static)")
+    b.add_argument("--no-graphs", action="store_true", help="CUDA: eager forwards instead of CUDA graphs")
+    device_args(b)
+
+
+def cmd_generate(args) -> dict:
+    from .generate import check_options, generate
+    from .models import load_model
+
+    device, dtype = _setup(args)
+    check_options(args.max_new_tokens, args.sample, args.temperature, args.top_p)   # before the model loads
+    model, tok, source = load_model(args.model, dtype, device)
+    stream = None if args.json else (lambda text: print(text, end="", flush=True))
+    report = {"model": source, **generate(model, tok, args.prompt, args.max_new_tokens, raw=args.raw,
+                                          sample=args.sample, temperature=args.temperature, top_p=args.top_p,
+                                          seed=args.seed, stream=stream)}
+    if not args.json:
+        print()
+        print(f"[{report['tokens']} tokens in {report['seconds']:.2f} s, {report['finish_reason']}]", file=sys.stderr)
+    return report
+
+
+def cmd_bench(args) -> dict:
+    import torch
+
+    from .benchmark import compare, format_table, load_pair
+
+    device, dtype = _setup(args)
+    if args.threads is not None:
+        if args.threads < 1:
+            raise LrinferError(f"--threads must be at least 1; got {args.threads}")
+        torch.set_num_threads(args.threads)
+    dense, compressed, info = load_pair(args.dir, args.base, device, dtype)
+    log = logging.getLogger("lrinfer.bench").info
+    report = {**info, **compare(dense, compressed, args.batch, args.prompt_len, args.new_tokens, args.repeats,
+                                graphs=False if args.no_graphs else None, cache=args.cache, log=log)}
+    if not args.json:
+        print(f"{report['checkpoint']}: {report['method']} at ratio {report['ratio']} of {report['base_model']}")
+        print(format_table(report))
+    return report
 
 
 def _setup(args):
     import torch
+    verbose = getattr(args, "debug", False) or getattr(args, "verbose", False)
     logging.basicConfig(level=logging.DEBUG if args.debug else logging.INFO, format="%(levelname)s %(name)s: %(message)s")
+    logging.getLogger("lrinfer").setLevel(logging.DEBUG if verbose else logging.INFO)
     for noisy in ("httpx", "urllib3", "filelock", "fsspec"):
         logging.getLogger(noisy).setLevel(logging.WARNING)
     device = getattr(args, "device", None) or ("cuda" if torch.cuda.is_available() else "cpu")
@@ -134,13 +213,17 @@ def _ppl(model, tok, args, data_dir, progress) -> dict:
 
 
 def cmd_compress(args) -> dict:
-    from .checkpoint import atomic_write_bytes, save_checkpoint
-    from .compress import CompressConfig, compress
-    from .data import calibration_batch, resolve_data_dir
+    import torch
+
+    from .checkpoint import atomic_write_bytes, save_checkpoint, save_dtype
+    from .compress import CompressConfig
+    from .data import resolve_data_dir
     from .models import load_model
     from .report import compression_report, dir_bytes, format_summary, unique_params
+    from .solvers.linalg import collect_fallbacks
 
-    device, dtype = _setup(args)
+    device, out_dtype = _setup(args)
+    dtype = getattr(torch, args.compute_dtype) if args.compute_dtype else None
     progress = not args.no_progress
     auto = args.method == "auto"
     config = CompressConfig(
@@ -167,8 +250,49 @@ def cmd_compress(args) -> dict:
         extra["ppl_dense"] = _ppl(model, tok, args, data_dir, progress)
     dense_params = unique_params(model)
     work_dir = out.parent / f".{out.name}.work"
+    with collect_fallbacks() as fallbacks:
+        config, result, calib_desc, search = _compress_or_search(args, model, tok, config, candidates, data_dir,
+                                                                 work_dir, progress)
+    out_dtype = out_dtype or save_dtype(model)
+    report = compression_report(config, result, source, dense_params, unique_params(model), calib_desc)
+    report.update(extra, fallbacks=fallbacks, dtype=str(out_dtype).removeprefix("torch."))
+    if search:
+        report["recipe_search"] = search.report()
+    if not args.no_eval:   # the model as it is written: weights rounded to the checkpoint's dtype
+        _round_weights(model, out_dtype)
+        report["ppl"] = _ppl(model, tok, args, data_dir, progress)
+        report["ppl"]["weights"] = f"stored in {report['dtype']}, computed in {next(model.parameters()).dtype}"
+    qc = {"method": config.method, "ratio": config.ratio, "selection": config.selection,
+          "allocation": config.allocation, "ranks": result.ranks, "config": config.to_dict()}
+    if search:
+        qc["recipe_search"] = {"chosen": search.best.label, "criterion": search.criterion}
+    save_checkpoint(model, tok, out, qc, base_model=source, overwrite=args.overwrite, dtype=out_dtype)
+    report["out"] = str(out)
+    report["bytes_on_disk"] = dir_bytes(out)
+    atomic_write_bytes(out / "report.json", json.dumps(report, indent=2).encode())
+    from .resume import WorkDir
+    WorkDir(work_dir, "").remove()
+    if not args.json:
+        print(format_summary(report))
+    return report
+
+
+def _round_weights(model, dtype) -> None:
+    """Round every floating parameter to `dtype` and back, in place (what saving in `dtype` does)."""
+    import torch
+    with torch.no_grad():
+        for p in model.parameters():
+            if p.is_floating_point() and p.dtype != dtype:
+                p.copy_(p.to(dtype))
+
+
+def _compress_or_search(args, model, tok, config, candidates, data_dir, work_dir, progress):
+    """Compress `model` in place with `config`, or with the recipe a search chooses (--method auto).
+    Returns (config used, CompressionResult, calibration description, SearchResult or None)."""
+    from .compress import compress
+    from .data import calibration_batch
     search = None
-    if auto:
+    if args.method == "auto":
         from .data import calibration_split
         from .recipe import apply_result
         from .recipe import search as search_recipes
@@ -183,25 +307,7 @@ def cmd_compress(args) -> dict:
         calib, calib_desc = calibration_batch(tok, config.calib, config.n_samples, config.seq_len, config.seed,
                                               data_dir, model)
         result = compress(model, config, calib, progress, work_dir=work_dir, resume=args.resume)
-    report = compression_report(config, result, source, dense_params, unique_params(model), calib_desc)
-    report.update(extra)
-    if search:
-        report["recipe_search"] = search.report()
-    if not args.no_eval:
-        report["ppl"] = _ppl(model, tok, args, data_dir, progress)
-    qc = {"method": config.method, "ratio": config.ratio, "selection": config.selection,
-          "allocation": config.allocation, "ranks": result.ranks, "config": config.to_dict()}
-    if search:
-        qc["recipe_search"] = {"chosen": search.best.label, "criterion": search.criterion}
-    save_checkpoint(model, tok, out, qc, base_model=source, overwrite=args.overwrite)
-    report["out"] = str(out)
-    report["bytes_on_disk"] = dir_bytes(out)
-    atomic_write_bytes(out / "report.json", json.dumps(report, indent=2).encode())
-    from .resume import WorkDir
-    WorkDir(work_dir, "").remove()
-    if not args.json:
-        print(format_summary(report))
-    return report
+    return config, result, calib_desc, search
 
 
 def cmd_eval(args) -> dict:
@@ -232,6 +338,31 @@ def cmd_eval(args) -> dict:
             print(f"{task}: acc {r['acc']:.4f} ± {r['acc_stderr']:.4f}, acc_norm {r['acc_norm']:.4f} "
                   f"± {r['acc_norm_stderr']:.4f}  (n={r['n']})")
     return report
+
+
+def cmd_methods(args) -> dict:
+    from .recipe import methods_catalog
+    catalog = methods_catalog()
+    if not args.json:
+        heads = {"solver": "solvers (--method NAME --opt KEY=VALUE; recipe 'NAME:KEY=VALUE')",
+                 "allocation": "rank allocations (--allocation NAME; recipe '+NAME:KEY=VALUE')",
+                 "selection": "layer selections (--selection NAME; recipe '@NAME:KEY=VALUE')"}
+        for stage, methods in catalog.items():
+            print(heads[stage])
+            for name, m in methods.items():
+                print(f"  {name:<9} {m['summary']}")
+                extra = []
+                if m.get("needs"):
+                    extra.append("calibration statistics: " + ", ".join(m["needs"]))
+                if stage == "solver" and m["selection"] != "all":
+                    extra.append(f"default selection: {m['selection']}")
+                for k, o in m["options"].items():
+                    extra.append(f"{k}={o['default']!r} ({o['type']})")
+                for line in extra:
+                    print(f"  {'':<9}   {line}")
+        print("recipe spec: solver[:k=v,..][+allocation[:k=v,..]][@selection[:k=v,..]][%samples], "
+              "e.g. saes:beta_max=0.9+drank@last:cap=0.3%128")
+    return catalog
 
 
 def cmd_info(args) -> dict:
@@ -270,7 +401,8 @@ def cmd_plot(args) -> dict:
 
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
-    handler = {"compress": cmd_compress, "eval": cmd_eval, "info": cmd_info, "plot": cmd_plot}[args.command]
+    handler = {"compress": cmd_compress, "eval": cmd_eval, "info": cmd_info, "plot": cmd_plot, "methods": cmd_methods,
+               "generate": cmd_generate, "bench": cmd_bench}[args.command]
     try:
         report = handler(args)
     except (LrinferError, ImportError) as e:

@@ -101,6 +101,24 @@ class Recipe:
                 "allocation_options": self.allocation_options, "samples": self.samples}
 
 
+def methods_catalog() -> dict:
+    """Every registered method of the three stages: {stage: {name: {summary, options: {name: {default,
+    type}}, ...}}}, in the order a recipe spec names them (solver, allocation, selection)."""
+    from .allocation import ALLOCATORS
+    from .registry import type_name
+    from .selection import SELECTIONS
+    from .solvers import SOLVERS
+
+    def entry(m, **extra):
+        types = m.option_types()
+        return {"summary": m.summary, **extra,
+                "options": {k: {"default": v, "type": type_name(types[k]) if k in types else "any"}
+                            for k, v in m.options().items()}}
+    return {"solver": {n: entry(m, needs=sorted(m.needs), selection=m.selection) for n, m in SOLVERS.items()},
+            "allocation": {n: entry(m, needs_spectra=m.needs_spectra) for n, m in ALLOCATORS.items()},
+            "selection": {n: entry(m) for n, m in SELECTIONS.items()}}
+
+
 LAST_CAP_FACTORS = (1.25, 1.5, 2.25, 3.0)   # per-layer cap of the last-layer selection, × the overall ratio
 
 

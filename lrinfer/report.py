@@ -11,6 +11,21 @@ from .allocation import achieved_ratio
 from .compress import CompressConfig, CompressionResult
 
 
+FALLBACKS = {   # kind (see `solvers.linalg.fallback`) -> what it means, for the summary line
+    "ridge": "rank-deficient Gram matrix, the ridge stands in for unexcited directions (expected with "
+             "few calibration tokens)",
+    "eigh": "Gram matrix not positive definite, eigendecomposition with clamped eigenvalues",
+    "identity": "zero Gram matrix (the layer saw only zero inputs), plain SVD",
+    "plain_svd": "zero Fisher information, plain SVD",
+}
+
+
+def format_fallbacks(fallbacks: dict[str, list[str]], n_layers: int) -> list[str]:
+    """One line per kind of fallback: how many layers, what it means, where the names are."""
+    return [f"note: {len(names)} of {n_layers} layers: {FALLBACKS.get(kind, kind)} (layers in report.json "
+            "\"fallbacks\"; --verbose prints them)" for kind, names in fallbacks.items()]
+
+
 def unique_params(model) -> int:
     """Parameters of `model`, counting tied tensors once."""
     seen, total = set(), 0
@@ -73,6 +88,7 @@ def format_summary(report: dict) -> str:
         lines.append(f"recipe search ({report['recipe_search']['criterion']}):")
         for t in sorted(report["recipe_search"]["trials"], key=lambda t: t["heldout_ppl"]):
             lines.append(f"  {t['heldout_ppl']:10.3f}  {t['label']}")
+    lines += format_fallbacks(report.get("fallbacks", {}), len(report.get("ranks", {})))
     if "bytes_on_disk" in report:
         lines.append(f"on disk: {report['bytes_on_disk'] / 2**20:.1f} MiB in {report.get('out')}")
     for key, label in (("ppl_dense", "dense"), ("ppl", "compressed")):

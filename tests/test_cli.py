@@ -33,7 +33,7 @@ def test_compress_eval_info(tiny_dir, tmp_path, capsys):
     assert report["ppl"]["data"].endswith("text.txt")
 
     assert main(["eval", str(out), "--data", str(tiny_dir / "text.txt"), "--seq-len", "32", "--windows", "3",
-                 "--json", "--no-progress"]) == 0
+                 "--dtype", "float32", "--json", "--no-progress"]) == 0   # report: bf16 weights computed in fp32
     evaluated = json.loads(capsys.readouterr().out)
     assert evaluated["ppl"]["ppl"] == pytest.approx(report["ppl"]["ppl"], rel=1e-5)
     assert evaluated["method"] == "svdllm"
@@ -47,6 +47,46 @@ def test_compress_eval_info(tiny_dir, tmp_path, capsys):
     assert main(["info", str(out), "--json"]) == 0
     info = json.loads(capsys.readouterr().out)
     assert info["compressed_linears"] == 14 and info["bytes_on_disk"] > 0
+
+
+def test_checkpoint_is_16_bit_by_default(tiny_dir, tmp_path, capsys):
+    from safetensors import safe_open
+    sizes = {}
+    for dtype, extra in (("bfloat16", []), ("float32", ["--dtype", "float32"])):
+        out = tmp_path / dtype
+        assert _compress(tiny_dir, out, "--no-eval", *extra) == 0
+        config = json.loads((out / "config.json").read_text())
+        assert config["dtype"] == dtype and config["architectures"] == ["LlamaForCausalLM"]
+        with safe_open(str(out / "model.safetensors"), "pt") as f:
+            assert {str(f.get_slice(k).get_dtype()) for k in f.keys()} == {"BF16" if dtype == "bfloat16" else "F32"}
+        sizes[dtype] = (out / "model.safetensors").stat().st_size
+        assert json.loads((out / "report.json").read_text())["dtype"] == dtype
+    assert sizes["bfloat16"] < 0.55 * sizes["float32"]
+
+
+def test_expected_fallbacks_are_one_summary_line(tiny_dir, tmp_path, capsys, caplog):
+    # 1 sample x 32 tokens < 64 input features: every Gram matrix of a 64-wide input is rank-deficient
+    args = ["--samples", "1", "--no-eval"]
+    assert _compress(tiny_dir, tmp_path / "a", *args) == 0
+    report = json.loads(capsys.readouterr().out)
+    assert len(report["fallbacks"]["ridge"]) >= 10 and not any("rank-deficient" in r.message for r in caplog.records)
+    assert main(["compress", "--model", str(tiny_dir / "model"), "--calib", str(tiny_dir / "text.txt"),
+                 "--samples", "1", "--calib-seq-len", "32", "--no-eval", "--no-progress", "--rank-multiple", "1",
+                 "--out", str(tmp_path / "b")]) == 0
+    lines = capsys.readouterr().out.splitlines()
+    assert sum("rank-deficient Gram matrix" in line for line in lines) == 1
+    assert _compress(tiny_dir, tmp_path / "c", *args, "--verbose") == 0
+    assert sum("rank-deficient" in r.message for r in caplog.records) == len(report["fallbacks"]["ridge"])
+
+
+def test_methods_lists_every_stage(capsys):
+    assert main(["methods", "--json"]) == 0
+    catalog = json.loads(capsys.readouterr().out)
+    assert {"svdllm", "ressvd", "saes"} <= set(catalog["solver"]) and set(catalog["allocation"]) == {"uniform", "drank"}
+    assert catalog["selection"]["last"]["options"]["k"] == {"default": None, "type": "an int or None"}
+    assert catalog["solver"]["ressvd"]["selection"] == "last"
+    assert main(["methods"]) == 0
+    assert "mode='whiten_then_plain'" in capsys.readouterr().out
 
 
 @pytest.mark.parametrize("args,message", [

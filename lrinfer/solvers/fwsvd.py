@@ -25,6 +25,7 @@ import torch
 from ..errors import LrinferError
 from ..factors import FactorPair
 from . import register_solver, split_sigma, truncated_svd
+from .linalg import note_fallback
 
 log = logging.getLogger(__name__)
 
@@ -48,7 +49,8 @@ def solve(W: torch.Tensor, stats, rank: int, *, axis: Literal["out", "in"] = "ou
     imp = F.sum(1) if axis == "out" else F.sum(0)
     scale = float(imp.mean())
     if not scale > 0 or not torch.isfinite(imp).all():
-        log.info("fwsvd: %s: Fisher information is zero or not finite; using the plain SVD of W", stats.name)
+        note_fallback("plain_svd", stats.name, "fwsvd: %s: Fisher information is zero or not finite; using the "
+                      "plain SVD of W", stats.name)
         return FactorPair(*split_sigma(*truncated_svd(W, rank)))
     d = (imp + eps * scale).sqrt()
     if axis == "out":
