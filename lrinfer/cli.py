@@ -76,6 +76,9 @@ def build_parser() -> argparse.ArgumentParser:
                    help="which layers are compressed (default: the method's own)")
     c.add_argument("--allocation", default=d["allocation"], choices=sorted(ALLOCATORS),
                    help=f"rank allocation (default {d['allocation']})")
+    from .refinement import REFINERS
+    c.add_argument("--refinement", default=d["refinement"], choices=list(REFINERS),
+                   help=f"after each block is solved (default {d['refinement']}; blockfit: AA-SVD-style local refinement)")
     c.add_argument("--rank-multiple", type=int, default=d["rank_multiple"],
                    help=f"round ranks to the nearest multiple of this (default {d['rank_multiple']})")
     c.add_argument("--modules", default=None, help="comma-separated linear names to compress (default: all)")
@@ -88,6 +91,7 @@ def build_parser() -> argparse.ArgumentParser:
     c.add_argument("--opt", action="append", metavar="KEY=VALUE", help="solver option (repeatable)")
     c.add_argument("--selection-opt", action="append", metavar="KEY=VALUE", help="selection option")
     c.add_argument("--allocation-opt", action="append", metavar="KEY=VALUE", help="allocation option")
+    c.add_argument("--refinement-opt", action="append", metavar="KEY=VALUE", help="refinement option")
     c.add_argument("--out", default=None, help="output directory (default out/<model>-<method>-<ratio>)")
     c.add_argument("--overwrite", action="store_true", help="replace --out even if it holds another model")
     c.add_argument("--resume", action="store_true",
@@ -232,7 +236,8 @@ def cmd_compress(args) -> dict:
         calib=args.calib, n_samples=args.samples, seq_len=args.calib_seq_len, seed=args.seed,
         batch_size=args.batch_size, method_options=_options(args.opt, "--opt"),
         selection_options=_options(args.selection_opt, "--selection-opt"),
-        allocation_options=_options(args.allocation_opt, "--allocation-opt"))
+        allocation_options=_options(args.allocation_opt, "--allocation-opt"),
+        refinement=args.refinement, refinement_options=_options(args.refinement_opt, "--refinement-opt"))
     candidates = None
     if args.candidates:
         if not auto:
@@ -346,7 +351,8 @@ def cmd_methods(args) -> dict:
     if not args.json:
         heads = {"solver": "solvers (--method NAME --opt KEY=VALUE; recipe 'NAME:KEY=VALUE')",
                  "allocation": "rank allocations (--allocation NAME; recipe '+NAME:KEY=VALUE')",
-                 "selection": "layer selections (--selection NAME; recipe '@NAME:KEY=VALUE')"}
+                 "selection": "layer selections (--selection NAME; recipe '@NAME:KEY=VALUE')",
+                 "refinement": "refinements (--refinement NAME; recipe '~NAME:KEY=VALUE')"}
         for stage, methods in catalog.items():
             print(heads[stage])
             for name, m in methods.items():
@@ -360,8 +366,8 @@ def cmd_methods(args) -> dict:
                     extra.append(f"{k}={o['default']!r} ({o['type']})")
                 for line in extra:
                     print(f"  {'':<9}   {line}")
-        print("recipe spec: solver[:k=v,..][+allocation[:k=v,..]][@selection[:k=v,..]][%samples], "
-              "e.g. saes:beta_max=0.9+drank@last:cap=0.3%128")
+        print("recipe spec: solver[:k=v,..][+allocation[:k=v,..]][@selection[:k=v,..]][~refinement[:k=v,..]]"
+              "[%samples], e.g. saes:beta_max=0.9+drank@last:cap=0.3~blockfit%128")
     return catalog
 
 

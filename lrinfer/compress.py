@@ -1,4 +1,4 @@
-"""`compress(model, config, calib_ids)`: selection → allocation → block-by-block calibration and solving."""
+"""`compress(model, config, calib_ids)`: selection → allocation → block by block: calibration, solving, refinement."""
 from __future__ import annotations
 
 import logging
@@ -16,6 +16,7 @@ from .errors import LrinferError
 from .factors import FactorPair, check_ratio
 from .models import check_architecture, compressible_linears, decoder_blocks
 from .nn import LowRankLinear, replace_module
+from .refinement import get_refiner
 from .resume import WorkDir, fingerprint
 from .selection import get_selection
 from .solvers import get_solver
@@ -49,6 +50,8 @@ class CompressConfig:
     method_options: dict = field(default_factory=dict)
     selection_options: dict = field(default_factory=dict)
     allocation_options: dict = field(default_factory=dict)
+    refinement: str = "none"            # after each block is solved (lrinfer/refinement/)
+    refinement_options: dict = field(default_factory=dict)
     version: int = CONFIG_VERSION
 
     def __post_init__(self):
@@ -57,7 +60,8 @@ class CompressConfig:
         self.selection = self.selection or solver.selection
         for what, method, opts in (("solver", solver, self.method_options),
                                    ("selection", get_selection(self.selection), self.selection_options),
-                                   ("allocation", get_allocator(self.allocation), self.allocation_options)):
+                                   ("allocation", get_allocator(self.allocation), self.allocation_options),
+                                   ("refinement", get_refiner(self.refinement), self.refinement_options)):
             method.check(opts, f"{what} '{method.name}'")
         for name in ("rank_multiple", "n_samples", "seq_len", "batch_size"):
             if int(getattr(self, name)) < 1:
@@ -80,6 +84,7 @@ class CompressionResult:
     hidden_error: list[float]                 # per block: ‖X̂ − X‖ / ‖X‖ of its output on calibration data
     seconds: float
     notes: list[str] = field(default_factory=list)
+    refinement: dict[int, dict] = field(default_factory=dict)   # block -> refiner's report (this run's blocks)
 
 
 def _check_weight(name: str, W: torch.Tensor) -> None:
@@ -151,6 +156,7 @@ def compress(model: nn.Module, config: CompressConfig, calib_ids: torch.Tensor, 
         streams = capture_inputs(model, blocks, calib_ids, config.batch_size, device)
         factors: dict[str, FactorPair] = {}
         hidden_error: list[float] = []
+        refinement: dict[int, dict] = {}
         start = 0
         if saved:
             for name, pair in saved.factors.items():
@@ -165,8 +171,11 @@ def compress(model: nn.Module, config: CompressConfig, calib_ids: torch.Tensor, 
                    disable=not progress)
         for i in range(start, len(blocks)):
             rel = {f.name[len(f"{prefix}.{i}."):]: f.name for f in linears if f.block == i and f.name in ranks}
-            done = _compress_block(blocks[i], rel, streams, streams.calls[i], solver, config, ranks, fisher, bar)
+            done, refined = _compress_block(blocks[i], rel, streams, streams.calls[i], solver, config, ranks, fisher,
+                                            bar)
             factors.update(done)
+            if refined:
+                refinement[i] = refined
             hidden_error.append(_relative_error(streams.compressed, streams.dense))
             if work:
                 work.save_block(i, done, ranks, hidden_error, streams.dense, streams.compressed)
@@ -174,7 +183,8 @@ def compress(model: nn.Module, config: CompressConfig, calib_ids: torch.Tensor, 
         bar.close()
     model.train(was_training)
     out_ranks = {n: [p.rank, p.rank2] for n, p in factors.items()}
-    return CompressionResult(factors, out_ranks, linears, hidden_error, time.perf_counter() - t0)
+    return CompressionResult(factors, out_ranks, linears, hidden_error, time.perf_counter() - t0,
+                             refinement=refinement)
 
 
 def _relative_error(approx: list[torch.Tensor], exact: list[torch.Tensor]) -> float:
@@ -185,9 +195,10 @@ def _relative_error(approx: list[torch.Tensor], exact: list[torch.Tensor]) -> fl
 
 
 def _compress_block(block, rel: dict[str, str], streams, calls, solver, config, ranks, fisher, bar
-                    ) -> dict[str, FactorPair]:
+                    ) -> tuple[dict[str, FactorPair], dict]:
     """Solve and patch the block's linears (`rel`: name in block -> qualified name), stage by stage,
-    then advance both streams through the block. Returns the block's factors."""
+    refine them, then advance both streams through the block. Returns the block's factors and the
+    refiner's report ({} without refinement)."""
     factors: dict[str, FactorPair] = {}
     dense_out = None
     originals: dict[str, nn.Module] = {}
@@ -213,10 +224,21 @@ def _compress_block(block, rel: dict[str, str], streams, calls, solver, config, 
                 factors[name] = pair
                 originals[r] = replace_module(block, r, LowRankLinear.from_factors(pair, lin.bias))
                 bar.set_postfix_str(r)
+    refined = {}
+    if originals and config.refinement != "none":
+        modules = {r: block.get_submodule(r) for r in originals}
+        bar.set_postfix_str(f"refine ({config.refinement})")
+        refined = get_refiner(config.refinement)(block, modules, streams.compressed, dense_out, calls,
+                                                 **config.refinement_options)
+        for r, m in modules.items():   # the refined factors, balanced again for the cast to 16 bits
+            pair = m.factors().balanced()
+            factors[rel[r]] = pair
+            for name, t in pair.tensors().items():
+                getattr(m, name).data.copy_(t)
     if dense_out is None:
         with swapped_in(block, originals):
             dense_out = run_block(block, streams.dense, calls)
     same = all(c is d for c, d in zip(streams.compressed, streams.dense))
     comp_out = dense_out if (same and not originals) else run_block(block, streams.compressed, calls)
     streams.dense, streams.compressed = dense_out, comp_out
-    return factors
+    return factors, refined

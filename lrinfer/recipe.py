@@ -32,8 +32,8 @@ log = logging.getLogger(__name__)
 
 @dataclass(frozen=True)
 class Recipe:
-    """Which layers (selection), how much rank each (allocation), how to solve (method), and on how many
-    calibration samples (None: all that the search is given)."""
+    """Which layers (selection), how much rank each (allocation), how to solve (method), how to refine
+    each solved block (refinement), and on how many calibration samples (None: all the search is given)."""
     method: str
     selection: str = "all"
     allocation: str = "uniform"
@@ -41,14 +41,18 @@ class Recipe:
     selection_options: dict = field(default_factory=dict)
     allocation_options: dict = field(default_factory=dict)
     samples: int | None = None
+    refinement: str = "none"
+    refinement_options: dict = field(default_factory=dict)
 
     @classmethod
     def parse(cls, spec: str) -> "Recipe":
-        """'saes:beta_max=0.9+drank@last:cap=0.3%128' -> SAES (β ≤ 0.9) with D-Rank ranks on the last
-        layers at a per-layer cap of 0.3, on 128 calibration samples. Every part but the solver is
-        optional; the selection defaults to the solver's own (ResSVD: last)."""
+        """'saes:beta_max=0.9+drank@last:cap=0.3~blockfit:steps=8%128' -> SAES (β ≤ 0.9) with D-Rank
+        ranks on the last layers at a per-layer cap of 0.3, each block refined by 8 steps of blockfit,
+        on 128 calibration samples. Every part but the solver is optional; the selection defaults to
+        the solver's own (ResSVD: last), the refinement to none."""
         from .solvers import get_solver
         rest, _, samples = spec.partition("%")
+        rest, _, refinement = rest.partition("~")
         rest, _, selection = rest.partition("@")
         method, _, allocation = rest.partition("+")
 
@@ -68,10 +72,11 @@ class Recipe:
             raise LrinferError(f"recipe {spec!r} names no solver (write e.g. saes@last:cap=0.3)")
         allocation, a_opts = named(allocation, "uniform")
         selection, s_opts = named(selection, None)
+        refinement, r_opts = named(refinement, "none")
         if samples and not (samples.isdigit() and int(samples) > 0):
             raise LrinferError(f"recipe {spec!r}: calibration samples after '%' must be a positive integer")
         return cls(method, selection or get_solver(method).selection, allocation, m_opts, s_opts, a_opts,
-                   int(samples) if samples else None)
+                   int(samples) if samples else None, refinement, r_opts)
 
     @property
     def label(self) -> str:
@@ -79,6 +84,8 @@ class Recipe:
         parts = [self.method + (f"({opts(self.method_options)})" if self.method_options else ""),
                  self.selection + (f"({opts(self.selection_options)})" if self.selection_options else ""),
                  self.allocation + (f"({opts(self.allocation_options)})" if self.allocation_options else "")]
+        if self.refinement != "none":
+            parts.append(self.refinement + (f"({opts(self.refinement_options)})" if self.refinement_options else ""))
         if self.samples:
             parts.append(f"{self.samples} samples")
         return " / ".join(parts)
@@ -92,19 +99,21 @@ class Recipe:
         """`base` with this recipe's stages, options and sample count; raises on a bad name or option."""
         return replace(base, method=self.method, selection=self.selection, allocation=self.allocation,
                        method_options=dict(self.method_options), selection_options=dict(self.selection_options),
-                       allocation_options=dict(self.allocation_options),
-                       n_samples=self.samples or base.n_samples)
+                       allocation_options=dict(self.allocation_options), refinement=self.refinement,
+                       refinement_options=dict(self.refinement_options), n_samples=self.samples or base.n_samples)
 
     def to_dict(self) -> dict:
         return {"method": self.method, "selection": self.selection, "allocation": self.allocation,
                 "method_options": self.method_options, "selection_options": self.selection_options,
-                "allocation_options": self.allocation_options, "samples": self.samples}
+                "allocation_options": self.allocation_options, "samples": self.samples,
+                "refinement": self.refinement, "refinement_options": self.refinement_options}
 
 
 def methods_catalog() -> dict:
     """Every registered method of the three stages: {stage: {name: {summary, options: {name: {default,
     type}}, ...}}}, in the order a recipe spec names them (solver, allocation, selection)."""
     from .allocation import ALLOCATORS
+    from .refinement import REFINERS
     from .registry import type_name
     from .selection import SELECTIONS
     from .solvers import SOLVERS
@@ -116,7 +125,8 @@ def methods_catalog() -> dict:
                             for k, v in m.options().items()}}
     return {"solver": {n: entry(m, needs=sorted(m.needs), selection=m.selection) for n, m in SOLVERS.items()},
             "allocation": {n: entry(m, needs_spectra=m.needs_spectra) for n, m in ALLOCATORS.items()},
-            "selection": {n: entry(m) for n, m in SELECTIONS.items()}}
+            "selection": {n: entry(m) for n, m in SELECTIONS.items()},
+            "refinement": {n: entry(m) for n, m in REFINERS.items()}}
 
 
 LAST_CAP_FACTORS = (1.25, 1.5, 2.25, 3.0)   # per-layer cap of the last-layer selection, × the overall ratio

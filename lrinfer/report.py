@@ -66,6 +66,8 @@ def compression_report(config: CompressConfig, result: CompressionResult, model_
         "hidden_error": {"final": result.hidden_error[-1] if result.hidden_error else None,
                          "per_block": result.hidden_error},
         "compress_seconds": round(result.seconds, 2),
+        "refinement": {"method": config.refinement, "options": config.refinement_options,
+                       "per_block": {str(b): r for b, r in sorted(result.refinement.items())}},
         "host": {"torch": torch.__version__, "python": platform.python_version()},
     }
 
@@ -84,6 +86,14 @@ def format_summary(report: dict) -> str:
         f"{'n/a' if final is None else f'{final:.4f}'}; "
         f"{report['compress_seconds']:.0f} s",
     ]
+    refined = report.get("refinement", {}).get("per_block", {})
+    if refined:
+        n = len(refined)
+        before = sum(r["error_before"] for r in refined.values()) / n
+        after = sum(r["error_after"] for r in refined.values()) / n
+        secs = sum(r["seconds"] for r in refined.values())
+        lines.append(f"refinement ({report['refinement']['method']}): block output error {before:.4f} -> "
+                     f"{after:.4f} (mean over {n} blocks); {secs:.0f} s")
     if "recipe_search" in report:
         lines.append(f"recipe search ({report['recipe_search']['criterion']}):")
         for t in sorted(report["recipe_search"]["trials"], key=lambda t: t["heldout_ppl"]):

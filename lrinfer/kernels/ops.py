@@ -165,6 +165,8 @@ def lowrank_forward(x, V, U, bias=None, V2=None, U2=None):
     if _needs_op(x):
         return torch.ops.lrinfer.lowrank_linear(x, V, U, bias, V2, U2)
     if _use_triton(x):
+        if torch.is_grad_enabled() and (x.requires_grad or V.requires_grad or U.requires_grad):
+            return torch.ops.lrinfer.lowrank_linear(x, V, U, bias, V2, U2)   # the kernels have no backward
         return _triton_forward(x, V, U, bias, V2, U2)
     return lowrank_linear_reference(x, V, U, bias, V2, U2)
 

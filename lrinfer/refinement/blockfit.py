@@ -1,0 +1,88 @@
+"""Block-level local refinement (as AA-SVD, arXiv 2604.02119, adds after its solve).
+
+After a block's linears are factorized, a few Adam steps on the block's factor pairs minimise
+
+    Σ_b ‖f̂(X̂_b) − f(X_b)‖²_F / Σ_b ‖f(X_b)‖²_F
+
+where f is the dense block on the dense stream X (the targets the pipeline already has), f̂ the
+compressed block on the compressed-path stream X̂: the block learns to undo both its own truncation
+error and the drift it inherits from the blocks before it. Each step uses one calibration batch, in
+a fixed order seeded by the block index (so a resumed run repeats it bit for bit); the learning rate
+decays on a cosine from `lr` to zero.
+
+What moves: U, V (and U2, V2) of every compressed linear of the block. Norms, biases and the
+layers left dense stay fixed: a block's state is then exactly its factor pairs, which is what the
+resume files and checkpoints hold. Training runs in float32 whatever the model's dtype, and the
+factors are cast back afterwards.
+
+Defaults (steps, lr) were chosen by measurement on SmolLM2-135M (docs/results.md, "Refinement").
+"""
+from __future__ import annotations
+
+import math
+import time
+
+import torch
+
+from . import register_refiner
+
+
+def _relative_error(block, inputs, targets, calls) -> float:
+    num = den = 0.0
+    with torch.no_grad():
+        for x, y, c in zip(inputs, targets, calls):
+            out = block(x, *c.args, **c.kwargs)
+            out = out[0] if isinstance(out, (tuple, list)) else out
+            num += float((out.double() - y.double()).pow(2).sum())
+            den += float(y.double().pow(2).sum())
+    return (num / max(den, 1e-300)) ** 0.5
+
+
+@register_refiner("blockfit", summary="Adam on the block's factor pairs: compressed block on compressed-path "
+                                      "inputs → dense block outputs (AA-SVD-style local refinement)")
+def refine_block(block, modules, inputs, targets, calls, *, steps: int = 16, lr: float = 1e-4,
+                 seed: int = 0) -> dict:
+    """Refine `modules`' factors in place; returns {"error_before", "error_after", "steps", "seconds"}.
+
+    block: a decoder block holding `modules` (name -> LowRankLinear); inputs/targets: lists of
+    [batch, T, hidden] (compressed-path inputs X̂_b, dense outputs f(X_b)); calls: the block's other
+    arguments per batch."""
+    if steps < 0 or not lr > 0:
+        raise ValueError(f"blockfit: steps must be >= 0 and lr > 0; got steps={steps}, lr={lr}")
+    t0 = time.perf_counter()
+    before = _relative_error(block, inputs, targets, calls)
+    if steps == 0 or not modules:
+        return {"error_before": before, "error_after": before, "steps": 0, "seconds": 0.0}
+    params = [p for m in modules.values() for p in (m.U, m.V, m.U2, m.V2) if p is not None]
+    dtype = params[0].dtype
+    frozen = {id(p): p.requires_grad for p in block.parameters()}
+    block.float()
+    for p in block.parameters():
+        p.requires_grad_(False)
+    for p in params:
+        p.requires_grad_(True)
+    opt = torch.optim.Adam(params, lr=lr)
+    scale = sum(float(y.float().pow(2).sum()) for y in targets) / sum(y.numel() for y in targets)
+    order = torch.randperm(len(inputs) * math.ceil(steps / len(inputs)),
+                           generator=torch.Generator().manual_seed(seed)) % len(inputs)
+    try:
+        with torch.enable_grad():
+            for step, b in enumerate(order[:steps].tolist()):
+                for g in opt.param_groups:
+                    g["lr"] = lr * 0.5 * (1 + math.cos(math.pi * step / steps))
+                c = calls[b]
+                out = block(inputs[b].float(), *c.args, **c.kwargs)
+                out = out[0] if isinstance(out, (tuple, list)) else out
+                loss = (out - targets[b].float()).pow(2).mean() / scale
+                opt.zero_grad(set_to_none=True)
+                loss.backward()
+                opt.step()
+    finally:
+        for p in block.parameters():
+            p.requires_grad_(frozen.get(id(p), False))
+        for p in params:
+            p.grad = None
+        block.to(dtype)
+    after = _relative_error(block, inputs, targets, calls)
+    return {"error_before": before, "error_after": after, "steps": steps,
+            "seconds": round(time.perf_counter() - t0, 2)}
