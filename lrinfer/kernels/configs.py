@@ -2,11 +2,14 @@
 
 A config is a flat dict:
 
-    method      "fused"       one persistent launch (shrink, grid barrier, expand); CUDA only
+    method      "fused"       one persistent launch (shrink, grid barrier, expand); CUDA only;
+                              grid <= SMs x occupancy, cooperative launch where Triton has it
                 "two_launch"  shrink kernel then expand kernel
+                "two_launch_pdl"  the same two kernels, the expand one launched with programmatic
+                              dependent launch (SM90+; plain two_launch where unsupported)
                 "triton"      tiled tensor-core matmuls (prefill)
                 "torch"       two cuBLAS matmuls through torch
-    decode keys (fused / two_launch):
+    decode keys (fused / two_launch / two_launch_pdl):
                 BLOCK_M, BLOCK_IN, BLOCK_K (shrink tile), BLOCK_N, BLOCK_R (expand tile), num_warps
     prefill keys (triton):
                 PM, PN, PK, GROUP_M, p_warps, p_stages
@@ -61,7 +64,7 @@ DEFAULTS: dict[int, dict] = {
     8192: _entry("torch"),
 }
 
-METHODS = ("fused", "two_launch", "triton", "torch")
+METHODS = ("fused", "two_launch", "two_launch_pdl", "triton", "torch")
 
 
 def gpu_slug(name: str) -> str:

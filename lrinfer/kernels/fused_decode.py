@@ -5,10 +5,28 @@ Phase 1 (`_shrink_phase`): split-K over `in` and rank tiles; each work item comp
 Phase 2 (`_expand_phase`): each work item computes a [BLOCK_M, BLOCK_N] tile of
 y = t [U|U2]ᵀ + bias, reading t from the workspace.
 
-`_fused_kernel` runs both phases in ONE persistent launch with an in-kernel grid barrier
-(grid <= number of SMs so every program is resident). `_shrink_kernel` + `_expand_kernel`
-are the two-launch form; it is the only one that runs under TRITON_INTERPRET=1, where
-programs run one after another and a grid barrier would hang.
+Three ways to run the two phases:
+  fused           `_fused_kernel`: ONE persistent launch with an in-kernel grid barrier.
+  two_launch      `_shrink_kernel` then `_expand_kernel`, ordinary stream order.
+  two_launch_pdl  the same two kernels with programmatic dependent launch (SM90+): the shrink
+                  kernel signals `gdc_launch_dependents` at entry, the expand kernel is launched
+                  with `launch_pdl=True` and waits in `gdc_wait` before it reads anything, so its
+                  launch overlaps the shrink kernel's tail. Deadlock-free: the dependent grid
+                  starts only after every shrink program is running (as vLLM's LoRA ops do).
+
+No deadlock by construction (fused). A spin barrier hangs if some programs of its grid are not
+resident while the others wait. The launcher bounds the grid by SMs × occupancy (occupancy from
+the compiled kernel through cuOccupancyMaxActiveBlocksPerMultiprocessor), and launches it as a
+cooperative grid (`launch_cooperative_grid=True`, CU_LAUNCH_ATTRIBUTE_COOPERATIVE; Triton >= 3.2),
+so the driver guarantees co-residency — whatever else runs (a second stream launching the same
+kernel, MPS) — or refuses the launch with an error instead of hanging. Where the installed Triton
+has no cooperative launch (or LRINFER_COOPERATIVE=0), the guard is the grid bound alone, halved
+(`_STREAM_SLACK`) so that two such kernels launched at once from two streams still fit together.
+`decode_launch_info()` reports which guard is active.
+
+Under TRITON_INTERPRET=1 (CPU) the interpreter runs a grid's programs one after another, so the
+fused kernel runs there with a grid of ONE program: its barrier then passes at once and its whole
+body (both phases, epoch flip, zeroing of the next buffer, finishing reset) is checked on the CPU.
 
 Workspace protocol (no host syncs, CUDA-graph safe, no memset launch):
     ws   fp32 [2, CAP, KT]  two buffers, CAP = rows capacity, KT = k + k2
@@ -20,6 +38,10 @@ Kernels use only builtins of triton.language (no tl.cdiv / tl.zeros, which are t
 runs in the interpreter even when triton was imported without it (see tests/kernels/conftest.py).
 """
 from __future__ import annotations
+
+import ctypes
+import functools
+import os
 
 import torch
 import triton
@@ -168,9 +190,14 @@ def _shrink_kernel(
     M, IN, K1, K2, KT, ws_numel, n_k1_tiles, n_k_tiles, n_splits, blocks_per_split,
     stride_xm, stride_xi, stride_vi, stride_vk, stride_v2i, stride_v2k,
     BLOCK_M: tl.constexpr, BLOCK_IN: tl.constexpr, BLOCK_K: tl.constexpr,
-    ZBLOCK: tl.constexpr, IEEE: tl.constexpr,
+    ZBLOCK: tl.constexpr, IEEE: tl.constexpr, USE_GDC: tl.constexpr,
 ):
-    """Phase 1 alone. x [M, IN], V [IN, K1], V2 [IN, K2], ws fp32 [2, CAP, KT], ctr int32 [4]."""
+    """Phase 1 alone. x [M, IN], V [IN, K1], V2 [IN, K2], ws fp32 [2, CAP, KT], ctr int32 [4].
+
+    USE_GDC: let the (PDL-launched) expand kernel start now; it waits for us in `gdc_wait`.
+    """
+    if USE_GDC:
+        tl.extra.cuda.gdc_launch_dependents()
     pid = tl.program_id(0)
     n_prog = tl.num_programs(0)
     e = tl.load(ctr_ptr + 2)
@@ -186,9 +213,14 @@ def _expand_kernel(
     M, OUT, K1, K2, KT, ws_numel,
     stride_un, stride_uk, stride_u2n, stride_u2k, stride_ym, stride_yn,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_R: tl.constexpr,
-    HAS_BIAS: tl.constexpr, HAS_RES: tl.constexpr, IEEE: tl.constexpr,
+    HAS_BIAS: tl.constexpr, HAS_RES: tl.constexpr, IEEE: tl.constexpr, USE_GDC: tl.constexpr,
 ):
-    """Phase 2 alone. U [OUT, K1], U2 [OUT, K2], bias [OUT], y [M, OUT]."""
+    """Phase 2 alone. U [OUT, K1], U2 [OUT, K2], bias [OUT], y [M, OUT].
+
+    USE_GDC: launched early by PDL; wait for the whole shrink kernel (and its memory) first.
+    """
+    if USE_GDC:
+        tl.extra.cuda.gdc_wait()
     pid = tl.program_id(0)
     n_prog = tl.num_programs(0)
     e = tl.load(ctr_ptr + 2)
@@ -209,7 +241,8 @@ def _fused_kernel(
     BLOCK_N: tl.constexpr, BLOCK_R: tl.constexpr, ZBLOCK: tl.constexpr,
     HAS_BIAS: tl.constexpr, HAS_RES: tl.constexpr, IEEE: tl.constexpr,
 ):
-    """Both phases in one persistent launch; grid must be <= #SMs (CUDA only, never interpreted)."""
+    """Both phases in one persistent launch. Every program of the grid must be resident at once
+    (the launcher bounds the grid and asks for a cooperative launch); interpreted: grid of 1."""
     pid = tl.program_id(0)
     n_prog = tl.num_programs(0)
     e = tl.load(ctr_ptr + 2)
@@ -230,6 +263,91 @@ def _fused_kernel(
                   pid, n_prog, BLOCK_M, BLOCK_N, BLOCK_R, HAS_BIAS, HAS_RES, IEEE)
     tl.debug_barrier()
     _finish(ctr_ptr, n_prog)
+
+
+# ----------------------------------------------------------------------------- launch guards
+
+_STREAM_SLACK = 2  # without a cooperative launch: room for this many concurrent fused grids
+
+
+@functools.lru_cache(maxsize=None)
+def launch_features() -> dict:
+    """What the installed Triton can ask of the CUDA launcher (a feature test, not a version test):
+    cooperative: `launch_cooperative_grid` (CU_LAUNCH_ATTRIBUTE_COOPERATIVE), Triton >= 3.2;
+    pdl: `launch_pdl` + `tl.extra.cuda.gdc_wait/gdc_launch_dependents`, Triton >= 3.4."""
+    try:
+        from triton.backends.nvidia.compiler import CUDAOptions
+
+        opts = set(getattr(CUDAOptions, "__dataclass_fields__", {}))
+    except Exception:  # pragma: no cover - no NVIDIA backend in this install
+        opts = set()
+    try:
+        cuda_extra = tl.extra.cuda
+        gdc = hasattr(cuda_extra, "gdc_wait") and hasattr(cuda_extra, "gdc_launch_dependents")
+    except AttributeError:  # pragma: no cover
+        gdc = False
+    return {"triton": triton.__version__, "cooperative": "launch_cooperative_grid" in opts,
+            "pdl": "launch_pdl" in opts and gdc}
+
+
+def _cooperative_enabled() -> bool:
+    return launch_features()["cooperative"] and os.environ.get("LRINFER_COOPERATIVE", "1") != "0"
+
+
+@functools.lru_cache(maxsize=None)
+def pdl_supported(index: int) -> bool:
+    """Programmatic dependent launch: the installed Triton has it and the device is SM90 or newer."""
+    return launch_features()["pdl"] and torch.cuda.get_device_capability(index)[0] >= 9
+
+
+def _occupancy(kernel, device_index: int) -> int:
+    """Programs of a compiled kernel that fit on one SM at once (>= 1 when it launches at all).
+
+    cuOccupancyMaxActiveBlocksPerMultiprocessor on the kernel's CUfunction (its shared memory is
+    dynamic in Triton's launcher); falls back to arithmetic on registers, threads and shared memory.
+    """
+    kernel._init_handles()
+    threads = kernel.metadata.num_warps * 32
+    shared = int(getattr(kernel.metadata, "shared", 0) or 0)
+    try:
+        lib = ctypes.CDLL("libcuda.so.1")
+        n = ctypes.c_int(0)
+        rc = lib.cuOccupancyMaxActiveBlocksPerMultiprocessor(
+            ctypes.byref(n), ctypes.c_void_p(kernel.function), ctypes.c_int(threads), ctypes.c_size_t(shared))
+        if rc == 0 and n.value > 0:
+            return n.value
+    except (OSError, AttributeError, TypeError):
+        pass
+    props = torch.cuda.get_device_properties(device_index)
+    occ = getattr(props, "max_threads_per_multi_processor", 2048) // threads
+    regs = getattr(kernel, "n_regs", 0) or 0
+    if regs:
+        occ = min(occ, getattr(props, "regs_per_multiprocessor", 65536) // (regs * threads))
+    if shared:
+        occ = min(occ, getattr(props, "shared_memory_per_multiprocessor", 228 * 1024) // shared)
+    return max(1, min(occ, 32))
+
+
+_RESIDENT: dict = {}
+
+
+def _resident_limit(key, compile_fn, device_index: int, cooperative: bool) -> int:
+    """Most programs the fused grid may have: SMs × occupancy (÷ _STREAM_SLACK without a
+    cooperative launch). Cached per (device, dtype, meta-parameters)."""
+    hit = _RESIDENT.get(key)
+    if hit is None:
+        sms = torch.cuda.get_device_properties(device_index).multi_processor_count
+        occ = _occupancy(compile_fn(), device_index)
+        hit = _RESIDENT[key] = {"sms": sms, "occupancy": occ}
+    total = hit["sms"] * hit["occupancy"]
+    return total if cooperative else max(1, total // _STREAM_SLACK)
+
+
+def decode_launch_info() -> dict:
+    """The active deadlock guard and what each cached fused config may launch (for reports)."""
+    coop = _cooperative_enabled()
+    return {**launch_features(), "cooperative_enabled": coop, "stream_slack": 1 if coop else _STREAM_SLACK,
+            "resident": {str(k): v for k, v in _RESIDENT.items()}}
 
 
 # ----------------------------------------------------------------------------- launchers
@@ -264,15 +382,23 @@ def _check_blocks(cfg):
             raise ValueError(f"lowrank_linear decode config: {name}={b} must be a power of two >= 16")
 
 
-def lowrank_decode(x2, V, U, bias=None, V2=None, U2=None, *, cfg, fused=True, max_programs=None):
+def lowrank_decode(x2, V, U, bias=None, V2=None, U2=None, *, cfg, fused=True, max_programs=None,
+                   pdl=False, out=None):
     """y [M, out] for x2 [M, in] (any strides) with the decode kernels.
 
-    fused=True: one launch with a grid barrier (CUDA only). fused=False: shrink + expand launches.
-    max_programs caps the persistent grid (defaults to the SM count on CUDA).
+    fused=True: one launch with a grid barrier; on CUDA the grid is bounded by SMs × occupancy
+    and launched cooperatively where Triton can; off CUDA (TRITON_INTERPRET=1) only a grid of one
+    program (max_programs=1) is allowed. fused=False: shrink + expand launches; pdl=True launches
+    the expand kernel with programmatic dependent launch where supported (SM90+, Triton >= 3.4),
+    else plain two launches. max_programs caps the grid (default: the SM count on CUDA, 8 off it).
+    out: optional y [M, out] to write into (any strides).
     """
+    # validate
     _check_blocks(cfg)
-    if fused and x2.device.type != "cuda":
-        raise ValueError("lowrank_linear: the fused single-launch decode kernel needs a CUDA device")
+    cuda = x2.device.type == "cuda"
+    if fused and not cuda and max_programs != 1:
+        raise ValueError("lowrank_linear: the fused single-launch decode kernel needs a CUDA device "
+                         "(off CUDA, under TRITON_INTERPRET=1, only max_programs=1: a grid of one program)")
     M, IN = x2.shape
     OUT, K1 = U.shape
     K2 = 0 if V2 is None else V2.shape[1]
@@ -280,9 +406,12 @@ def lowrank_decode(x2, V, U, bias=None, V2=None, U2=None, *, cfg, fused=True, ma
     BM, BIN, BK = cfg["BLOCK_M"], cfg["BLOCK_IN"], cfg["BLOCK_K"]
     BN, BR = cfg["BLOCK_N"], cfg["BLOCK_R"]
     ieee = x2.dtype == torch.float32
+    if out is not None and (tuple(out.shape) != (M, OUT) or out.dtype != x2.dtype or out.device != x2.device):
+        raise ValueError(f"lowrank_linear decode: out must be [{M}, {OUT}] {x2.dtype} on {x2.device}; "
+                         f"got {tuple(out.shape)} {out.dtype} on {out.device}")
 
     # allocate
-    y = torch.empty((M, OUT), dtype=x2.dtype, device=x2.device)  # shape [M, out]
+    y = torch.empty((M, OUT), dtype=x2.dtype, device=x2.device) if out is None else out  # shape [M, out]
     if M == 0:
         return y
     n_m_tiles = triton.cdiv(M, BM)
@@ -291,8 +420,9 @@ def lowrank_decode(x2, V, U, bias=None, V2=None, U2=None, *, cfg, fused=True, ma
     V2_, U2_ = (V, U) if V2 is None else (V2, U2)  # dummies when there is no residual pair
 
     # grid: split `in` so phase 1 has about one work item per program
+    dev = x2.device.index if x2.device.index is not None else (torch.cuda.current_device() if cuda else 0)
     if max_programs is None:
-        max_programs = torch.cuda.get_device_properties(x2.device).multi_processor_count if x2.is_cuda else 8
+        max_programs = torch.cuda.get_device_properties(dev).multi_processor_count if cuda else 8
     n_k1_tiles = triton.cdiv(K1, BK)
     n_k_tiles = n_k1_tiles + triton.cdiv(K2, BK)
     n_in_blocks = triton.cdiv(IN, BIN)
@@ -307,23 +437,34 @@ def lowrank_decode(x2, V, U, bias=None, V2=None, U2=None, *, cfg, fused=True, ma
     expand_strides = (U.stride(0), U.stride(1), U2_.stride(0), U2_.stride(1), y.stride(0), y.stride(1))
     bias_ = bias if bias is not None else y
     nw = cfg["num_warps"]
+    has_bias, has_res = bias is not None, V2 is not None
+
+    # launch
     if fused:
-        grid = (min(max_programs, max(items1, items2)),)
-        _fused_kernel[grid](
-            x2, V, V2_, ws, ctr, U, U2_, bias_, y,
-            M, IN, OUT, K1, K2, KT, ws_numel, n_k1_tiles, n_k_tiles, n_splits, blocks_per_split,
-            *shrink_args[10:], *expand_strides,
-            BLOCK_M=BM, BLOCK_IN=BIN, BLOCK_K=BK, BLOCK_N=BN, BLOCK_R=BR, ZBLOCK=ZBLOCK,
-            HAS_BIAS=bias is not None, HAS_RES=V2 is not None, IEEE=ieee, num_warps=nw,
-        )
+        args = (x2, V, V2_, ws, ctr, U, U2_, bias_, y,
+                M, IN, OUT, K1, K2, KT, ws_numel, n_k1_tiles, n_k_tiles, n_splits, blocks_per_split,
+                *shrink_args[10:], *expand_strides)
+        meta = dict(BLOCK_M=BM, BLOCK_IN=BIN, BLOCK_K=BK, BLOCK_N=BN, BLOCK_R=BR, ZBLOCK=ZBLOCK,
+                    HAS_BIAS=has_bias, HAS_RES=has_res, IEEE=ieee, num_warps=nw)
+        grid_n = min(max_programs, max(items1, items2))
+        if cuda:
+            coop = _cooperative_enabled()
+            if coop:
+                meta["launch_cooperative_grid"] = True
+            key = (dev, x2.dtype, BM, BIN, BK, BN, BR, nw, has_bias, has_res, coop)
+            grid_n = min(grid_n, _resident_limit(
+                key, lambda: _fused_kernel.warmup(*args, grid=(1,), **meta), dev, coop))
+        _fused_kernel[(grid_n,)](*args, **meta)
     else:
+        gdc = bool(pdl) and cuda and pdl_supported(dev)
         _shrink_kernel[(items1,)](
             x2, V, V2_, ws, ctr, *shrink_args,
-            BLOCK_M=BM, BLOCK_IN=BIN, BLOCK_K=BK, ZBLOCK=ZBLOCK, IEEE=ieee, num_warps=nw,
+            BLOCK_M=BM, BLOCK_IN=BIN, BLOCK_K=BK, ZBLOCK=ZBLOCK, IEEE=ieee, USE_GDC=gdc, num_warps=nw,
         )
+        extra = {"launch_pdl": True} if gdc else {}
         _expand_kernel[(items2,)](
             ws, ctr, U, U2_, bias_, y, M, OUT, K1, K2, KT, ws_numel, *expand_strides,
-            BLOCK_M=BM, BLOCK_N=BN, BLOCK_R=BR, HAS_BIAS=bias is not None, HAS_RES=V2 is not None,
-            IEEE=ieee, num_warps=nw,
+            BLOCK_M=BM, BLOCK_N=BN, BLOCK_R=BR, HAS_BIAS=has_bias, HAS_RES=has_res,
+            IEEE=ieee, USE_GDC=gdc, num_warps=nw, **extra,
         )
     return y

@@ -90,9 +90,9 @@ def _triton_forward(x, V, U, bias, V2, U2):
         y = lowrank_linear_reference(x2, V, U, bias, V2, U2)
     elif method == "triton":
         y = prefill.lowrank_prefill(x2, V, U, bias, V2, U2, cfg=cfg)
-    else:
+    else:  # fused / two_launch / two_launch_pdl
         y = fused_decode.lowrank_decode(x2, V, U, bias, V2, U2, cfg=cfg, fused=method == "fused",
-                                        max_programs=configs.num_sms(dev))
+                                        pdl=method == "two_launch_pdl", max_programs=configs.num_sms(dev))
     return y.reshape(*lead, U.shape[0])
 
 

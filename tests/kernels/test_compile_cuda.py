@@ -38,11 +38,37 @@ def test_decode_kernels_compile(arch, dtype):
     from lrinfer.kernels import fused_decode as fd
 
     consts = dict(BLOCK_M=16, BLOCK_IN=128, BLOCK_K=64, BLOCK_N=32, BLOCK_R=64, ZBLOCK=fd.ZBLOCK,
-                  HAS_BIAS=True, HAS_RES=True, IEEE=dtype == "*fp32")
+                  HAS_BIAS=True, HAS_RES=True, IEEE=dtype == "*fp32", USE_GDC=False)
     for kern in (fd._fused_kernel, fd._shrink_kernel, fd._expand_kernel):
         out = _compile(kern, dtype, consts, arch, num_warps=4)
         assert "atom" in out.asm["ptx"]
+        assert "griddepcontrol" not in out.asm["ptx"]
         assert out.metadata.shared <= 96 * 1024
+
+
+def test_pdl_kernels_compile_sm90():
+    """The two-launch pair with programmatic dependent launch: griddepcontrol in both kernels."""
+    from lrinfer.kernels import fused_decode as fd
+
+    if not fd.launch_features()["pdl"]:
+        pytest.skip(f"triton {triton.__version__} has no launch_pdl / gdc_wait")
+    consts = dict(BLOCK_M=16, BLOCK_IN=128, BLOCK_K=64, BLOCK_N=32, BLOCK_R=64, ZBLOCK=fd.ZBLOCK,
+                  HAS_BIAS=True, HAS_RES=False, IEEE=False, USE_GDC=True)
+    shrink = _compile(fd._shrink_kernel, "*bf16", consts, 90, num_warps=4)
+    expand = _compile(fd._expand_kernel, "*bf16", consts, 90, num_warps=4)
+    assert "griddepcontrol.launch_dependents" in shrink.asm["ptx"]
+    assert "griddepcontrol.wait" in expand.asm["ptx"]
+
+
+def test_launch_features_of_this_triton():
+    """Triton >= 3.2 has cooperative launch and >= 3.4 programmatic dependent launch (3.6 on the GPU
+    machine, 3.9 here): the launcher relies on both through a feature test, not a version test."""
+    from lrinfer.kernels import fused_decode as fd
+
+    feats = fd.launch_features()
+    major, minor = (int(p) for p in triton.__version__.split(".")[:2])
+    if (major, minor) >= (3, 4):
+        assert feats["cooperative"] and feats["pdl"], feats
 
 
 @pytest.mark.parametrize("dtype", ["*bf16"])
