@@ -1,14 +1,19 @@
 """End-to-end decode benchmark: Llama-2-7B-shaped model (random weights), dense vs low-rank.
 
-Builds the model from `transformers.LlamaConfig` (no download), replaces every nn.Linear of the
-decoder layers by a tiny module calling `lrinfer.kernels.lowrank_linear` with factors of rank
-k = floor((1 - r) in out / (in + out)) (multiple of 8) for each reduction r, and measures
-decode tokens/s and peak memory at several batch sizes with a static KV cache. With
---compile, both dense and low-rank forwards are wrapped in torch.compile(mode="reduce-overhead")
-(CUDA graphs), so both sides get the same treatment.
+Two engines, both with random weights (no download) and every decoder linear low-rank at rank
+k = floor((1 - r) in out / (in + out)) (multiple of 8) for each reduction r:
 
-    python bench/bench_e2e.py --layers 32 --batch 1 8 32 --compile
-    python bench/bench_e2e.py --layers 4 --reductions 0.4 --new-tokens 64     # quick check
+  graph (default)  bench/decoder.py: a minimal Llama decoder with a static KV cache whose decode
+                   step is captured in ONE CUDA graph and replayed per token (dense and low-rank
+                   alike), so launch overhead does not hide the difference. Layers are
+                   `lrinfer.LowRankLinear`. Also reports the eager rate and peak memory.
+  hf               transformers' LlamaForCausalLM from `LlamaConfig`, its nn.Linear replaced by
+                   a module calling `lrinfer.kernels.lowrank_linear`; `generate` with a static KV
+                   cache; with --compile both sides are wrapped in torch.compile(mode="reduce-overhead").
+
+    python bench/bench_e2e.py --layers 32 --batch 1 8 32 --reductions 0.4
+    python bench/bench_e2e.py --engine hf --layers 32 --batch 1 8 32 --compile
+    python bench/bench_e2e.py --layers 4 --reductions 0.4 --new-tokens 32     # quick check
 """
 from __future__ import annotations
 
@@ -22,6 +27,10 @@ import time
 
 import torch
 from torch import nn
+
+_ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+if _ROOT not in sys.path:  # lrinfer importable from a plain checkout (the GPU machine has no install)
+    sys.path.insert(0, _ROOT)
 
 
 class LRLinear(nn.Module):
@@ -101,23 +110,35 @@ def decode_rate(model, batch, prompt_len, new_tokens, compile_: bool):
     return batch * new_tokens / max(t_full - t_one, 1e-9), peak
 
 
-def main(argv=None):
-    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--layers", type=int, default=32, help="decoder layers (32 = full Llama-2-7B)")
-    p.add_argument("--reductions", nargs="+", type=float, default=[0.2, 0.4, 0.6])
-    p.add_argument("--batch", nargs="+", type=int, default=[1, 8, 32])
-    p.add_argument("--prompt-len", type=int, default=128)
-    p.add_argument("--new-tokens", type=int, default=128)
-    p.add_argument("--factors", choices=["random", "svd"], default="random",
-                   help="random: factors of the right shape (fast); svd: truncated SVD of the random weights")
-    p.add_argument("--compile", action="store_true", help="torch.compile(mode='reduce-overhead') on both sides")
-    p.add_argument("--out", default=None, help="JSON path (default bench/results/e2e-<gpu-slug>.json)")
-    args = p.parse_args(argv)
-    if not torch.cuda.is_available():
-        print("bench_e2e: needs a CUDA device", file=sys.stderr)
-        return 1
-    from lrinfer.kernels.configs import gpu_slug
+def run_graph_engine(args) -> list[dict]:
+    """Rows for every reduction × batch with bench/decoder.py (graph-captured decode step)."""
+    sys.path.insert(0, os.path.dirname(__file__))
+    import decoder
 
+    cfg = decoder.DecoderConfig.llama2_7b(args.layers)
+    rows = []
+    for red in [0.0] + [r for r in args.reductions if r > 0]:
+        model = decoder.build(cfg, red, torch.bfloat16, "cuda")
+        check = decoder.check_lowrank_layers(model) if red > 0 else {}
+        for b in args.batch:
+            r = decoder.decode_benchmark(model, b, args.prompt_len, args.new_tokens)
+            r.update(reduction=red, layer_rel_err=check)
+            rows.append(r)
+            name = "dense" if red == 0 else f"lowrank {int(red * 100)}%"
+            print(f"{name:>13} batch {b:>3}: graph {r['graph_tokens_per_s']:9.1f} tok/s, eager "
+                  f"{r['eager_tokens_per_s']:9.1f} tok/s, peak {r['peak_GiB']:6.2f} GiB", flush=True)
+        del model
+        gc.collect()
+        torch.cuda.empty_cache()
+    dense = {r["batch"]: r for r in rows if r["reduction"] == 0}
+    for r in rows:
+        d = dense[r["batch"]]
+        r["graph_speedup_vs_dense"] = r["graph_tokens_per_s"] / d["graph_tokens_per_s"]
+        r["eager_speedup_vs_dense"] = r["eager_tokens_per_s"] / d["eager_tokens_per_s"]
+    return rows
+
+
+def run_hf_engine(args) -> list[dict]:
     dtype = torch.bfloat16
     rows = []
     for red in [0.0] + args.reductions:
@@ -141,9 +162,31 @@ def main(argv=None):
     dense = {r["batch"]: r["tokens_per_s"] for r in rows if r["reduction"] == 0}
     for r in rows:
         r["speedup_vs_dense"] = r["tokens_per_s"] / dense[r["batch"]]
+    return rows
+
+
+def main(argv=None):
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--engine", choices=["graph", "hf"], default="graph")
+    p.add_argument("--layers", type=int, default=32, help="decoder layers (32 = full Llama-2-7B)")
+    p.add_argument("--reductions", nargs="+", type=float, default=[0.2, 0.4, 0.6])
+    p.add_argument("--batch", nargs="+", type=int, default=[1, 8, 32])
+    p.add_argument("--prompt-len", type=int, default=128)
+    p.add_argument("--new-tokens", type=int, default=128)
+    p.add_argument("--factors", choices=["random", "svd"], default="random",
+                   help="hf engine: random factors of the right shape (fast), or truncated SVD of the random weights")
+    p.add_argument("--compile", action="store_true", help="hf engine: torch.compile(mode='reduce-overhead') on both sides")
+    p.add_argument("--out", default=None, help="JSON path (default bench/results/e2e-<gpu-slug>.json)")
+    args = p.parse_args(argv)
+    if not torch.cuda.is_available():
+        print("bench_e2e: needs a CUDA device", file=sys.stderr)
+        return 1
+    from lrinfer.kernels.configs import gpu_slug
+
+    rows = run_graph_engine(args) if args.engine == "graph" else run_hf_engine(args)
     gpu = torch.cuda.get_device_name()
     out = args.out or os.path.join(os.path.dirname(__file__), "results", f"e2e-{gpu_slug(gpu)}.json")
-    os.makedirs(os.path.dirname(out), exist_ok=True)
+    os.makedirs(os.path.dirname(os.path.abspath(out)), exist_ok=True)
     with open(out, "w") as f:
         json.dump({"meta": {"gpu": gpu, "torch": torch.__version__, **vars(args)}, "rows": rows}, f, indent=1)
     print(f"wrote {out}")
