@@ -28,7 +28,7 @@ from safetensors.torch import load_file
 import lrinfer
 from lrinfer.data import calibration_split
 from lrinfer.factors import unflatten_factors
-from lrinfer.recipe import Recipe, apply_result, default_candidates, search
+from lrinfer.recipe import Recipe, Screening, apply_result, default_candidates, search
 from lrinfer.zeroshot import evaluate_tasks
 
 from methods_table import OUT, locked, model_name, start
@@ -43,10 +43,14 @@ def write(results: dict, stem: str) -> None:
                   f"Calibration: {r['calibration']}; criterion: {r['criterion']}  ",
                   f"Test: {r['eval']}; host: {r['host']}; dense test PPL "
                   f"{r.get('dense_test_ppl', float('nan')):.2f}", "",
-                  "| recipe | held-out PPL (criterion) | test PPL | compress s | chosen |", "|---|---|---|---|---|"]
+                  "| round | recipe | held-out PPL (criterion) | test PPL | compress s | chosen |", "|---|---|---|---|---|---|"]
         for t in r["trials"]:
-            lines.append(f"| {t['label']} | {t['heldout_ppl']:.2f} | {t.get('test_ppl', float('nan')):.2f} | "
-                         f"{t.get('seconds', 0):.0f} | {'**yes**' if t['label'] == r['chosen_label'] else ''} |")
+            chosen = t['label'] == r['chosen_label'] and t.get("round") != "screen"
+            lines.append(f"| {t.get('round', 'full')} | {t['label']} | {t['heldout_ppl']:.2f} | "
+                         f"{t.get('test_ppl', float('nan')):.2f} | {t.get('seconds', 0):.0f} | "
+                         f"{'**yes**' if chosen else ''} |")
+        if "seconds" in r:
+            lines.append(f"\nSearch wall time: {r['seconds']:.0f} s")
         for task, v in r.get("tasks", {}).items():
             lines.append(f"\nChosen recipe, {task}: acc {v['acc']:.4f} ± {v['acc_stderr']:.4f}, "
                          f"acc_norm {v['acc_norm']:.4f} ± {v['acc_norm_stderr']:.4f} (n = {v['n']})")
@@ -66,6 +70,9 @@ def main(argv=None) -> None:
     ap.add_argument("--model", default=None, help="any model lrinfer.load_model takes (default: SmolLM2-135M)")
     ap.add_argument("--stem", default="recipes_smollm2")
     ap.add_argument("--compress-threads", type=int, default=1)
+    ap.add_argument("--full", action="store_true", help="compress every candidate in full (no screening round)")
+    ap.add_argument("--screen-samples", type=int, default=8)
+    ap.add_argument("--screen-keep", type=int, default=2)
     args = ap.parse_args(argv)
     command, data_dir, dense, tok, source = start(argv, args.model)
     candidates = [Recipe.parse(s) for s in args.candidates] if args.candidates else default_candidates(args.ratio)
@@ -76,7 +83,8 @@ def main(argv=None) -> None:
     threads = torch.get_num_threads()
     torch.set_num_threads(args.compress_threads)
     try:
-        found = search(dense, base, calib, heldout, candidates, work_dir=work, resume=True, progress=False)
+        found = search(dense, base, calib, heldout, candidates, work_dir=work, resume=True, progress=False,
+                       screening=None if args.full else Screening(args.screen_samples, args.screen_keep))
     finally:
         torch.set_num_threads(threads)
 
@@ -86,9 +94,10 @@ def main(argv=None) -> None:
               "calibration": f"{calib_desc}, first 90%, {tuple(calib.shape)}, seed 0", "eval": eval_desc +
               f", {tuple(windows.shape)}", "host": f"{platform.machine()} CPU (shared)"}
 
-    def patched(i: int):
+    def patched(trial: dict):
         model = copy.deepcopy(dense)
-        factors = unflatten_factors(load_file(str(work / f"{candidates[i].slug}.safetensors")))
+        folder = work / "screen" if trial.get("round") == "screen" else work
+        factors = unflatten_factors(load_file(str(folder / f"{Recipe(**trial['recipe']).slug}.safetensors")))
         apply_result(model, lrinfer.CompressionResult(factors, {}, [], [], 0.0))
         return model
 
@@ -100,13 +109,13 @@ def main(argv=None) -> None:
             write(results, args.stem)
 
     report["dense_test_ppl"] = lrinfer.perplexity(dense, windows, progress=False)["ppl"]
-    for i, trial in enumerate(report["trials"]):
+    for trial in report["trials"]:
         if trial["heldout_ppl"] != float("inf"):
-            trial["test_ppl"] = lrinfer.perplexity(patched(i), windows, progress=False)["ppl"]
+            trial["test_ppl"] = lrinfer.perplexity(patched(trial), windows, progress=False)["ppl"]
             print(json.dumps(trial), flush=True)
     save()
     if args.tasks:      # the chosen recipe only (lm-eval on the full split is the slow part)
-        chosen = next(i for i, t in enumerate(report["trials"]) if t["label"] == found.best.label)
+        chosen = next(t for t in report["trials"] if t["label"] == found.best.label and t.get("round") != "screen")
         t0 = time.perf_counter()
         report["tasks"] = evaluate_tasks(patched(chosen), tok, args.tasks, data_dir, batch_size=8, progress=False)
         report["task_seconds"] = time.perf_counter() - t0

@@ -161,28 +161,82 @@ def check_candidates(candidates: list[Recipe], base: CompressConfig, n_calib: in
                            + ", ".join(c.label for c in candidates))
 
 
+@dataclass(frozen=True)
+class Screening:
+    """The search's cheap first round: every candidate compressed on its first `samples` calibration rows
+    and without refinement (its *proxy*), scored on the held-apart text; the candidates of the best
+    `keep` proxies go on to a full compression, which alone decides. `None` in `search`: every
+    candidate compressed in full."""
+    samples: int = 8
+    keep: int = 2
+
+    def proxy(self, c: Recipe, n_calib: int) -> Recipe:
+        return replace(c, samples=min(c.samples or n_calib, self.samples), refinement="none", refinement_options={})
+
+
 @dataclass
 class SearchResult:
     best: Recipe
     result: CompressionResult          # the winner's compression (its factors)
-    trials: list[dict]                 # one per candidate: recipe, criterion, seconds
+    trials: list[dict]                 # one per compression: recipe, round (screen/full), criterion, seconds
     criterion: str
+    seconds: float = 0.0               # the whole search
 
     def report(self) -> dict:
         return {"criterion": self.criterion, "chosen": self.best.to_dict(), "chosen_label": self.best.label,
-                "trials": self.trials}
+                "trials": self.trials, "seconds": round(self.seconds, 1)}
 
 
 def search(dense: nn.Module, base: CompressConfig, calib_ids: torch.Tensor, heldout_ids: torch.Tensor,
            candidates: list[Recipe] | None = None, work_dir: str | Path | None = None, resume: bool = False,
-           progress: bool = True) -> SearchResult:
-    """Try each candidate on a copy of `dense`; choose by perplexity on `heldout_ids` [h, T]
-    (calibration text held apart from `calib_ids`). A candidate with `samples` set calibrates on that
-    many first rows of `calib_ids`; the others on all of them. `dense` is left unchanged; patch the winner with
-    `apply_result`. Trials are listed in candidate order."""
+           progress: bool = True, screening: Screening | None = Screening()) -> SearchResult:
+    """Choose a recipe by perplexity on `heldout_ids` [h, T] (calibration text held apart from
+    `calib_ids` [n, T]); never the evaluation split. With `screening` (the default), a cheap first round
+    ranks every candidate's proxy and only the best go on to a full compression; without it, every
+    candidate is compressed in full. A candidate with `samples` set calibrates on that many first rows of
+    `calib_ids`. `dense` is left unchanged; patch the winner with `apply_result`. Trials are recorded in
+    `work_dir` as they finish, so an interrupted search resumes where it stopped."""
+    t0 = time.perf_counter()
     candidates = candidates or default_candidates(base.ratio)
     check_candidates(candidates, base, calib_ids.shape[0])
     work = Path(work_dir) if work_dir else None
+    if work:
+        work.mkdir(parents=True, exist_ok=True)
+    finalists, trials = candidates, []
+    if screening is not None and len(candidates) > screening.keep:
+        proxies = {}   # proxy label -> (proxy, candidates it stands for); candidates differing only in
+        for c in candidates:   # refinement or sample count share one proxy
+            proxy = screening.proxy(c, calib_ids.shape[0])
+            proxies.setdefault(proxy.label, (proxy, []))[1].append(c)
+        if len(proxies) > screening.keep:
+            screened, _ = _round(dense, base, calib_ids, heldout_ids, [p for p, _ in proxies.values()],
+                                 work / "screen" if work else None, resume, progress, "screen")
+            trials += screened
+            ranked = sorted(screened, key=lambda t: t["heldout_ppl"])[:screening.keep]
+            finalists = [c for t in ranked for c in proxies[t["label"]][1]]
+    full, result = _round(dense, base, calib_ids, heldout_ids, finalists, work, resume, progress, "full")
+    trials += full
+    best = min(full, key=lambda t: t["heldout_ppl"])
+    if best["heldout_ppl"] == float("inf"):
+        raise LrinferError("every recipe failed: " + "; ".join(t.get("error", "") for t in full))
+    winner = next(c for c in finalists if c.label == best["label"])
+    if result is None:   # the winner finished in an earlier, interrupted run: reload its factors
+        result = _reload(dense, base, work / f"{winner.slug}.safetensors")
+        result.hidden_error = [best["hidden_error"]]
+    criterion = (f"WikiText-style perplexity on {heldout_ids.shape[0]} held-apart calibration windows "
+                 f"of {heldout_ids.shape[1]} tokens (never the evaluation split)")
+    if len(full) < len(candidates):
+        criterion += (f"; screened first on {min(screening.samples, calib_ids.shape[0])} calibration samples "
+                      "without refinement, "
+                      f"the best {screening.keep} compressed in full")
+    return SearchResult(winner, result, trials, criterion, time.perf_counter() - t0)
+
+
+def _round(dense, base, calib_ids, heldout_ids, candidates: list[Recipe], work: Path | None, resume: bool,
+           progress: bool, name: str) -> tuple[list[dict], CompressionResult | None]:
+    """Compress a copy of `dense` with each candidate and score it on `heldout_ids`. Returns the trials
+    (in candidate order) and the in-memory result of the best one finished in this run (None if the
+    best finished in an earlier run)."""
     trials_file = work / "trials.json" if work else None
     done: dict[str, dict] = {}
     if work and resume and trials_file.is_file():
@@ -194,43 +248,30 @@ def search(dense: nn.Module, base: CompressConfig, calib_ids: torch.Tensor, held
     for i, cand in enumerate(candidates):
         if cand.label in done:
             trials.append(done[cand.label])
-            log.info("recipe %d/%d %s: done before (%.3f)", i + 1, len(candidates), cand.label,
+            log.info("%s %d/%d %s: done before (%.3f)", name, i + 1, len(candidates), cand.label,
                      done[cand.label]["heldout_ppl"])
             continue
-        log.info("recipe %d/%d: %s", i + 1, len(candidates), cand.label)
+        log.info("%s %d/%d: %s", name, i + 1, len(candidates), cand.label)
         model = copy.deepcopy(dense)
         t0 = time.perf_counter()
         try:
             result = compress(model, cand.config(base), calib_ids[:cand.samples], progress,
                               work_dir=(work / cand.slug) if work else None, resume=resume)
         except LrinferError as e:
-            trials.append({"label": cand.label, "recipe": cand.to_dict(), "heldout_ppl": float("inf"),
-                           "error": str(e)})
+            trials.append({"label": cand.label, "recipe": cand.to_dict(), "round": name,
+                           "heldout_ppl": float("inf"), "error": str(e)})
             continue
         ppl = perplexity(model, heldout_ids, progress=progress)["ppl"]
-        trial = {"label": cand.label, "recipe": cand.to_dict(), "heldout_ppl": ppl,
-                 "hidden_error": result.hidden_error[-1], "seconds": round(time.perf_counter() - t0, 1)}
-        trials.append(trial)
+        trials.append({"label": cand.label, "recipe": cand.to_dict(), "round": name, "heldout_ppl": ppl,
+                       "hidden_error": result.hidden_error[-1], "seconds": round(time.perf_counter() - t0, 1)})
         if work:   # factors first, then the record that points at them
             save_tensors(flatten_factors(result.factors), work / f"{cand.slug}.safetensors")
             atomic_write_bytes(trials_file, json.dumps(trials, indent=2).encode())
         if best is None or ppl < best[0]:
             best = (ppl, cand, result)
         del model
-    # A resumed winner that finished in an earlier run: reload its factors.
-    scored = [(t["heldout_ppl"], j) for j, t in enumerate(trials)]
-    ppl, j = min(scored)
-    if ppl == float("inf"):
-        raise LrinferError("every recipe failed: " + "; ".join(t.get("error", "") for t in trials))
-    winner = candidates[j]
-    if best is None or best[1] != winner:
-        result = _reload(dense, base, work / f"{winner.slug}.safetensors")
-        result.hidden_error = [trials[j]["hidden_error"]]
-    else:
-        result = best[2]
-    criterion = (f"WikiText-style perplexity on {heldout_ids.shape[0]} held-apart calibration windows "
-                 f"of {heldout_ids.shape[1]} tokens (never the evaluation split)")
-    return SearchResult(winner, result, trials, criterion)
+    top = min(trials, key=lambda t: t["heldout_ppl"]) if trials else None
+    return trials, (best[2] if best and top and best[1].label == top["label"] else None)
 
 
 def _reload(dense, base, path: Path) -> CompressionResult:

@@ -24,7 +24,7 @@ def test_search_picks_lowest_heldout_and_composes(make_tiny):
     cands = [Recipe("svd"), Recipe("svdllm"), Recipe("saes", "last", "drank", selection_options={"k": 3})]
     before = {k: v.clone() for k, v in dense.state_dict().items()}
     res = lrinfer.search_recipes(dense, lrinfer.CompressConfig(ratio=0.2, batch_size=4), calib, held, cands,
-                                 progress=False)
+                                 progress=False, screening=None)
     assert all(torch.equal(v, dense.state_dict()[k]) for k, v in before.items())   # dense left alone
     scores = [t["heldout_ppl"] for t in res.trials]
     assert res.best == cands[scores.index(min(scores))]
@@ -43,9 +43,15 @@ def test_cli_auto_records_choice_and_reloads(model_dir, tmp_path, capsys):
     assert main(args) == 0
     report = json.loads((out / "report.json").read_text())
     search = report["recipe_search"]
-    assert len(search["trials"]) == len(lrinfer.default_candidates(0.2))
-    assert "held-apart calibration" in search["criterion"]
-    best = min(search["trials"], key=lambda t: t["heldout_ppl"])
+    n = len(lrinfer.default_candidates(0.2))
+    screen = [t for t in search["trials"] if t["round"] == "screen"]
+    full = [t for t in search["trials"] if t["round"] == "full"]
+    assert len(screen) == n and len(full) == 2 and "held-apart calibration" in search["criterion"]
+    assert "screened first on 4 calibration samples" in search["criterion"]
+    # the two best proxies went on to the full round, and the full round alone decided
+    assert {t["label"].removesuffix(" / 4 samples") for t in sorted(screen, key=lambda t: t["heldout_ppl"])[:2]} \
+        == {t["label"] for t in full}
+    best = min(full, key=lambda t: t["heldout_ppl"])
     assert search["chosen_label"] == best["label"] and report["method"] == best["recipe"]["method"]
     qc = json.loads((out / "config.json").read_text())["quantization_config"]
     assert qc["recipe_search"]["chosen"] == best["label"]
@@ -95,6 +101,32 @@ def test_selection_keeps_costly_first_layers_dense(make_tiny):
     assert all(n.split(".")[2] in ("2", "3") for n in res.result.ranks)
 
 
+def test_screening_keeps_the_best_proxies_and_shares_them(make_tiny, tmp_path, monkeypatch):
+    import lrinfer.recipe as recipe_mod
+    dense = make_tiny(layers=2)
+    g = torch.Generator().manual_seed(2)
+    calib, held = torch.randint(0, 128, (8, 32), generator=g), torch.randint(0, 128, (2, 32), generator=g)
+    base = lrinfer.CompressConfig(ratio=0.3, batch_size=4)
+    cands = [Recipe("svd"), Recipe("svdllm"), Recipe("svdllm", refinement="blockfit", refinement_options={"steps": 2}),
+             Recipe("svdllm", "last", selection_options={"k": 1})]
+    runs = []
+    real = recipe_mod.compress
+    monkeypatch.setattr(recipe_mod, "compress", lambda m, cfg, ids, *x, **k: runs.append(
+        (cfg.refinement, ids.shape[0])) or real(m, cfg, ids, *x, **k))
+    res = lrinfer.search_recipes(dense, base, calib, held, cands, work_dir=tmp_path, progress=False,
+                                 screening=recipe_mod.Screening(samples=4, keep=1))
+    screen = [t for t in res.trials if t["round"] == "screen"]
+    full = [t for t in res.trials if t["round"] == "full"]
+    assert len(screen) == 3 and runs[:3] == [("none", 4)] * 3     # svdllm and svdllm~blockfit share one proxy
+    best_proxy = min(screen, key=lambda t: t["heldout_ppl"])["label"].removesuffix(" / 4 samples")
+    assert {t["label"].split(" / blockfit")[0] for t in full} == {best_proxy}
+    assert res.best.label == min(full, key=lambda t: t["heldout_ppl"])["label"]
+    runs.clear()   # resumed: nothing runs again, the same choice
+    again = lrinfer.search_recipes(dense, base, calib, held, cands, work_dir=tmp_path, resume=True, progress=False,
+                                   screening=recipe_mod.Screening(samples=4, keep=1))
+    assert runs == [] and again.best == res.best
+
+
 def test_recipe_spec_parses_every_stage():
     r = Recipe.parse("saes:beta_min=0,beta_max=0.9+drank@last:cap=0.3%128")
     assert r == Recipe("saes", "last", "drank", {"beta_min": 0, "beta_max": 0.9}, {"cap": 0.3}, {}, 128)
@@ -133,7 +165,7 @@ def test_search_resumes_by_recipe_and_slices_calibration(make_tiny, tmp_path, mo
                         real(m, cfg, ids, *x, **k))
     # a new order and a new candidate: the finished ones are found by recipe, only c runs
     again = lrinfer.search_recipes(dense, base, calib, held, [c, b, a], work_dir=tmp_path, resume=True,
-                                   progress=False)
+                                   progress=False, screening=None)
     assert rows == [3]                                      # c alone ran, on its first 3 samples
     by_label = {t["label"]: t for t in first.trials}
     assert [again.trials[i]["heldout_ppl"] for i in (1, 2)] == [by_label[b.label]["heldout_ppl"],
