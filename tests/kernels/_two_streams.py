@@ -47,6 +47,7 @@ def main(argv=None) -> int:
         with torch.cuda.stream(streams[i]):
             outs[i] = fd.lowrank_decode(*cases[i], cfg=cfg, fused=True, max_programs=mp)
 
+    torch.cuda.synchronize()  # inputs were made on the default stream
     for i in range(2):  # compile and cache the workspaces on each stream
         launch(i)
     torch.cuda.synchronize()
