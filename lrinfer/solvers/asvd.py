@@ -16,7 +16,8 @@ import torch
 
 from ..errors import LrinferError
 from ..factors import FactorPair
-from . import register_solver, split_sigma, truncated_svd
+from . import register_solver
+from .linalg import top_svd
 
 
 @register_solver("asvd", needs=("abs_sum",),
@@ -34,5 +35,5 @@ def solve(W: torch.Tensor, stats, rank: int, *, alpha: float = 0.5, eps: float =
         raise LrinferError(f"asvd: {stats.name} has no activation statistics (abs_sum); calibrate first")
     mean_abs = stats.abs_sum.double().to(W.device) / stats.n
     s = mean_abs.clamp_min(0).pow(alpha) + eps                       # [in]
-    U, V = split_sigma(*truncated_svd(W * s, rank))                  # W' = W diag(s)
+    U, V = top_svd(W * s, rank)                                      # W' = W diag(s)
     return FactorPair(U, V / s[:, None])                             # V = diag(s)⁻¹ V'

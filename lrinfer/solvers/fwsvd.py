@@ -24,8 +24,8 @@ import torch
 
 from ..errors import LrinferError
 from ..factors import FactorPair
-from . import register_solver, split_sigma, truncated_svd
-from .linalg import note_fallback
+from . import register_solver
+from .linalg import note_fallback, top_svd
 
 log = logging.getLogger(__name__)
 
@@ -51,10 +51,10 @@ def solve(W: torch.Tensor, stats, rank: int, *, axis: Literal["out", "in"] = "ou
     if not scale > 0 or not torch.isfinite(imp).all():
         note_fallback("plain_svd", stats.name, "fwsvd: %s: Fisher information is zero or not finite; using the "
                       "plain SVD of W", stats.name)
-        return FactorPair(*split_sigma(*truncated_svd(W, rank)))
+        return FactorPair(*top_svd(W, rank))
     d = (imp + eps * scale).sqrt()
     if axis == "out":
-        U, V = split_sigma(*truncated_svd(d[:, None] * W, rank))
+        U, V = top_svd(d[:, None] * W, rank)
         return FactorPair(U / d[:, None], V)
-    U, V = split_sigma(*truncated_svd(W * d, rank))
+    U, V = top_svd(W * d, rank)
     return FactorPair(U, V / d[:, None])

@@ -15,7 +15,9 @@ since (H + αC)/(1+α) = (1−β)H + βC = H + βΔ. With H = M Mᵀ (M from `wh
     ‖Ŵ M − T‖² = tr(Ŵ H Ŵᵀ) − 2 tr(Ŵ M Tᵀ) + ‖T‖²,
 which matches the bracket when M Tᵀ = (H+βΔ)ᵀ Wᵀ, i.e. T = W(H + βΔ)M⁻ᵀ. So
     f = (1+α)‖Ŵ M − G(β)‖² + const,   G(β) = W M + β W Δ M⁻ᵀ = S + βD   [out, in]
-and by Eckart–Young Ŵ = [G(β)]_r M⁻¹: U = Ũ Σ^{1/2} [out, r], V = M⁻ᵀ Ṽ Σ^{1/2} [in, r].
+and by Eckart–Young Ŵ = [G(β)]_r M⁻¹: U = Ũ Σ^{1/2} [out, r], V = M⁻ᵀ Ṽ Σ^{1/2} [in, r], computed as
+the projection onto the top eigenvectors of the smaller Gram of G(β) (`linalg.truncation`; no SVD, and
+M⁻¹ only through triangular solves).
 The ridge δI (`damp`, relative to mean diag H) is used in both H and the target, so the
 solution is the exact minimiser of f + (1+α)δ‖W − Ŵ‖², and β = 0 equals SVD-LLM whitening on
 the compressed-path inputs (`whitened_truncation(W, gram_hat, r)`) exactly.
@@ -27,7 +29,8 @@ S⊥ = P_L S P_R, D⊥ = P_L D P_R, the tail ratio is approximated by
 minimised over the stationary points (cB−bC)β² + (cA−aC)β + (bA−aB) = 0 inside
 [beta_min, beta_max] and the two endpoints. Default interval [0.25, 0.75] (paper Table 4, read as
 a β interval). The paper's optional β_cap / shrink ρ have no published defaults and are omitted
-(β_cap is covered by beta_max). Cost: one SVD of S and one of G(β*) per layer.
+(β_cap is covered by beta_max). Cost: one symmetric eigendecomposition of the smaller Gram of S and
+one of G(β*) per layer (each the same subspace as the SVD it replaces).
 """
 from __future__ import annotations
 
@@ -38,18 +41,19 @@ import torch
 
 from ..errors import LrinferError
 from ..factors import FactorPair
-from . import register_solver, split_sigma, truncated_svd
-from .linalg import whitener
+from . import register_solver
+from .linalg import Whitening, _split, factor_gram, singular_pairs, truncation
 
 log = logging.getLogger(__name__)
 
 
 def cealc_targets(W: torch.Tensor, gram_hat: torch.Tensor, cross: torch.Tensor, damp: float = 1e-6,
-                  name: str = "") -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """(S = W M [out, in], D = W Δ M⁻ᵀ [out, in], M⁻¹ [in, in]) with M Mᵀ = gram_hat + δI, Δ = cross − gram_hat."""
-    M, Minv = whitener(gram_hat, damp, name)
+                  name: str = "") -> tuple[torch.Tensor, torch.Tensor, Whitening]:
+    """(S = W M [out, in], D = W Δ M⁻ᵀ [out, in], M) with M Mᵀ = gram_hat + δI (a `Whitening`: M⁻¹ is
+    applied by triangular solves, never formed), Δ = cross − gram_hat."""
+    M = factor_gram(gram_hat, damp, name)
     delta = cross.double().to(W.device) - gram_hat.double().to(W.device)
-    return W @ M, W @ delta @ Minv.t(), Minv
+    return M.right(W), M.inv(delta.t() @ W.t()).t(), M
 
 
 def retained_energy(G: torch.Tensor, rank: int) -> float:
@@ -61,10 +65,10 @@ def retained_energy(G: torch.Tensor, rank: int) -> float:
 def aces_beta(S: torch.Tensor, D: torch.Tensor, rank: int, beta_min: float = 0.25, beta_max: float = 0.75
               ) -> float:
     """FS-FOA choice of β in [beta_min, beta_max] minimising the approximate tail ratio ρ̃²(β)."""
-    U, _, Vh = truncated_svd(S, rank)
+    U, _, V = singular_pairs(S, rank)
     def perp(A):   # P_L A P_R
         A = A - U @ (U.t() @ A)
-        return A - (A @ Vh.t()) @ Vh
+        return A - (A @ V) @ V.t()
     Sp, Dp = perp(S), perp(D)
     a, b, c = float(Sp.pow(2).sum()), float((Sp * Dp).sum()), float(Dp.pow(2).sum())
     A, B, C = float(S.pow(2).sum()), float((S * D).sum()), float(D.pow(2).sum())
@@ -106,8 +110,11 @@ def solve(W: torch.Tensor, stats, rank: int, *, beta: float | None = None, beta_
     if stats.gram_hat is None or stats.cross is None:
         raise LrinferError(f"saes: {stats.name} lacks gram_hat/cross statistics (it needs the two-stream "
                            "sequential calibration pass)")
-    S, D, Minv = cealc_targets(W, stats.gram_hat, stats.cross, damp, stats.name)
+    S, D, M = cealc_targets(W, stats.gram_hat, stats.cross, damp, stats.name)
     b = aces_beta(S, D, rank, beta_min, beta_max) if beta is None else float(beta)
     log.debug("saes: %s rank %d beta %.4f", stats.name, rank, b)
-    U, V = split_sigma(*truncated_svd(S + b * D, rank))
-    return FactorPair(U, Minv.t() @ V)
+    G = S.add_(D, alpha=b) if b else S
+    del D
+    B, s, side = truncation(G, rank)          # Ŵ = [G]_r M⁻¹: U_r U_rᵀ G M⁻¹, or G V_r V_rᵀ M⁻¹
+    U, V = (B, M.inv_t(G.t() @ B)) if side == "left" else (G @ B, M.inv_t(B))
+    return FactorPair(*_split(U, V, s, side))
