@@ -123,7 +123,29 @@ def build_parser() -> argparse.ArgumentParser:
     from . import plot
     plot.add_parser(sub)
     _add_generate_bench(sub)
+    _add_serve(sub)
     return parser
+
+
+def _add_serve(sub) -> None:
+    """`lrinfer serve DIR`: vLLM's OpenAI-compatible server on a checkpoint (lrinfer/serving.py)."""
+    s = sub.add_parser("serve", help="serve a compressed directory with vLLM's OpenAI-compatible server")
+    s.add_argument("dir", help="compressed directory")
+    s.add_argument("--host", default="127.0.0.1", help="address to listen on (default 127.0.0.1)")
+    s.add_argument("--port", type=int, default=8000, help="port (default 8000)")
+    s.add_argument("--dry-run", action="store_true", help="print the vLLM command instead of running it")
+    s.add_argument("--debug", action="store_true", help="show tracebacks")
+    s.add_argument("--vllm", nargs=argparse.REMAINDER, default=[], metavar="ARG",
+                   help="everything after it goes to vLLM's server, e.g. --vllm --dtype float32 --max-model-len 2048")
+
+
+def cmd_serve(args) -> dict:
+    import shlex
+
+    from .serving import serve
+    cmd = serve(args.dir, args.host, args.port, args.vllm, dry_run=args.dry_run)   # execs unless --dry-run
+    print(shlex.join(cmd))
+    return {"command": cmd}
 
 
 def _add_generate_bench(sub) -> None:
@@ -408,7 +430,7 @@ def cmd_plot(args) -> dict:
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     handler = {"compress": cmd_compress, "eval": cmd_eval, "info": cmd_info, "plot": cmd_plot, "methods": cmd_methods,
-               "generate": cmd_generate, "bench": cmd_bench}[args.command]
+               "generate": cmd_generate, "bench": cmd_bench, "serve": cmd_serve}[args.command]
     try:
         report = handler(args)
     except (LrinferError, ImportError) as e:
