@@ -22,14 +22,15 @@ log = logging.getLogger(__name__)
 @dataclass
 class LinearStats:
     """Second-order statistics of one linear's inputs over N calibration tokens (row convention,
-    X [N, in]). All sums, float64; solvers are invariant to their common scale."""
+    X [N, in]). All sums, float64 (the Fisher float32); solvers are invariant to their common scale.
+    Read-only for solvers: linears that read the same input share the same tensors."""
     name: str
     n: int = 0                              # tokens seen
     gram: torch.Tensor | None = None        # Σ Xᵀ X        [in, in]  dense-model inputs
     gram_hat: torch.Tensor | None = None    # Σ X̂ᵀ X̂      [in, in]  compressed-model inputs
     cross: torch.Tensor | None = None       # Σ Xᵀ X̂       [in, in]
     abs_sum: torch.Tensor | None = None     # Σ |X|         [in]
-    fisher: torch.Tensor | None = None      # Σ (∂L/∂W)²    [out, in]
+    fisher: torch.Tensor | None = None      # Σ (∂L/∂W)²    [out, in]  float32
 
     def add(self, attr: str, value: torch.Tensor) -> None:
         cur = getattr(self, attr)
@@ -89,9 +90,15 @@ def capture_inputs(model: nn.Module, blocks: nn.ModuleList, input_ids: torch.Ten
     return TwoStreams(first, list(first), calls)
 
 
-def run_block(block: nn.Module, hidden: list[torch.Tensor], calls: list[BlockCall]) -> list[torch.Tensor]:
-    """The block's outputs for each batch."""
-    return [_first_tensor(block(h, *c.args, **c.kwargs)) for h, c in zip(hidden, calls)]
+def _on(t: torch.Tensor, device: torch.device | None) -> torch.Tensor:
+    return t if device is None or t.device == device else t.to(device, non_blocking=True)
+
+
+def run_block(block: nn.Module, hidden: list[torch.Tensor], calls: list[BlockCall],
+              device: torch.device | None = None) -> list[torch.Tensor]:
+    """The block's outputs for each batch. With `device`, each batch runs there and its output goes
+    back to where its input was (streams kept on the host, block on the accelerator)."""
+    return [_on(_first_tensor(block(_on(h, device), *c.args, **c.kwargs)), h.device) for h, c in zip(hidden, calls)]
 
 
 @contextlib.contextmanager
@@ -173,70 +180,103 @@ def run_for_inputs(block: nn.Module, hidden: torch.Tensor, call: BlockCall, modu
             return None
 
 
+_CHUNK_BYTES = 1 << 28   # float64 bytes of activations converted at once for the statistics
+
+
+def accumulate_gram(acc: torch.Tensor, a: torch.Tensor, b: torch.Tensor | None = None) -> None:
+    """acc [in, in] += aᵀ b in float64 (b=None: aᵀ a), a, b [tokens, in] in any float dtype, converted
+    in chunks of tokens so no float64 copy of the whole batch is made."""
+    rows = max(256, _CHUNK_BYTES // (8 * a.shape[1]))
+    for s in range(0, a.shape[0], rows):
+        ad = a[s:s + rows].double()
+        acc.addmm_(ad.t(), ad if b is None else b[s:s + rows].double())
+
+
 @torch.no_grad()
 def collect_stats(block: nn.Module, stage: list[str], needs: frozenset, streams: TwoStreams,
                   calls: list[BlockCall], dense_modules: dict[str, nn.Module],
-                  names: dict[str, str], dense_outputs: bool = True
+                  names: dict[str, str], dense_outputs: bool = True, device: torch.device | None = None
                   ) -> tuple[dict[str, LinearStats], list[torch.Tensor] | None]:
     """Statistics of the linears in `stage` (names relative to `block`) over all batches.
 
     `dense_modules` are this block's already-compressed linears in dense form, swapped in for the
     dense stream. `names` maps relative to qualified names. Returns the stats and, when
-    `dense_outputs` and a dense forward ran, the dense stream's block outputs; otherwise each
-    forward stops once the stage's inputs are seen.
+    `dense_outputs` and a dense forward ran, the dense stream's block outputs (kept where the streams
+    are); otherwise each forward stops once the stage's inputs are seen. With `device`, batches run
+    there (streams may live on the host). Statistics accumulate in float64 on the block's device.
+
+    Linears that read the same input tensor (q/k/v, gate/up) share one accumulator: their
+    `LinearStats` hold the same tensors, so solvers must treat statistics as read-only.
     """
     stats = {n: LinearStats(names[n]) for n in stage}
     modules = {n: block.get_submodule(n) for n in stage}
     want_dense = bool(needs & {"gram", "abs_sum", "cross"}) or not needs
     want_hat = bool(needs & {"gram_hat", "cross"})
-    dense_x: dict[str, torch.Tensor] = {}
+    leader: dict[str, str] = {}                      # linear -> first linear of the stage reading its input
+    acc: dict[tuple[str, str], torch.Tensor] = {}    # (leader, field) -> float64 sum
+    tokens: dict[str, int] = {}
+    seen: dict[tuple, tuple[str, torch.Tensor]] = {}  # input key -> (leader, input) in this pass of this batch
+    dense_x: dict[str, torch.Tensor] = {}            # leader -> its dense input, for the cross term
 
-    memo: dict[tuple, torch.Tensor] = {}   # linears reading the same input (q/k/v) share one product
+    def leads(n: str, x: torch.Tensor) -> bool:
+        """Group n with the linears that read the same tensor; True when n accumulates for the group."""
+        key = (x.data_ptr(), tuple(x.shape), x.stride())   # holding x in `seen` keeps its address unique
+        first = seen.setdefault(key, (n, x))[0]
+        if leader.setdefault(n, first) != first:
+            raise RuntimeError(f"collect_stats: {names[n]} shares its input with {names[first]} in one batch "
+                               f"and with {names[leader[n]]} in another")
+        return first == n
 
-    def once(key: tuple, fn):
-        if key not in memo:
-            memo[key] = fn()
-        return memo[key]
-
-    def input_key(x: torch.Tensor) -> tuple:
-        key = (x.data_ptr(), tuple(x.shape), x.stride())
-        memo[("pin",) + key] = x      # holding x keeps its address from being reused this batch
-        return key
+    def acc_of(n: str, field: str, x: torch.Tensor, shape: tuple) -> torch.Tensor:
+        if (n, field) not in acc:
+            acc[(n, field)] = torch.zeros(shape, dtype=torch.float64, device=x.device)
+        return acc[(n, field)]
 
     def on_dense(n, x):
-        key = input_key(x)
-        s = stats[n]
-        s.n += x.shape[0]
-        xd = once(("x",) + key, x.double)
+        if not leads(n, x):
+            return
+        d = x.shape[-1]
+        tokens[n] = tokens.get(n, 0) + x.shape[0]
         if "gram" in needs:
-            s.add("gram", once(("gram",) + key, lambda: xd.t() @ xd).clone())
+            accumulate_gram(acc_of(n, "gram", x, (d, d)), x)
         if "abs_sum" in needs:
-            s.add("abs_sum", once(("abs",) + key, lambda: xd.abs().sum(0)).clone())
+            a = acc_of(n, "abs_sum", x, (d,))
+            rows = max(256, _CHUNK_BYTES // (8 * d))
+            for s in range(0, x.shape[0], rows):
+                a.add_(x[s:s + rows].double().abs().sum(0))
         if "cross" in needs:
-            dense_x[n] = xd
+            dense_x[n] = x
 
     def on_hat(n, x):
-        key = input_key(x)
-        s = stats[n]
+        if not leads(n, x):
+            return
+        d = x.shape[-1]
         if not want_dense:
-            s.n += x.shape[0]
-        xh = once(("xh",) + key, x.double)
+            tokens[n] = tokens.get(n, 0) + x.shape[0]
         if "gram_hat" in needs:
-            s.add("gram_hat", once(("gram_hat",) + key, lambda: xh.t() @ xh).clone())
+            accumulate_gram(acc_of(n, "gram_hat", x, (d, d)), x)
         if "cross" in needs:
-            s.add("cross", once(("cross", dense_x[n].data_ptr()) + key, lambda: dense_x[n].t() @ xh).clone())
+            accumulate_gram(acc_of(n, "cross", x, (d, d)), dense_x[n], x)
 
     dense_out = [] if (want_dense and dense_outputs) else None
     for b in range(len(calls)):
-        memo.clear()
         if want_dense:
+            seen.clear()
             with swapped_in(block, dense_modules):
-                out = run_for_inputs(block, streams.dense[b], calls[b], modules, on_dense, dense_out is not None)
+                h = streams.dense[b]
+                out = run_for_inputs(block, _on(h, device), calls[b], modules, on_dense, dense_out is not None)
             if dense_out is not None:
-                dense_out.append(out)
+                dense_out.append(_on(out, h.device))
         if want_hat:
-            run_for_inputs(block, streams.compressed[b], calls[b], modules, on_hat, full=False)
+            seen.clear()
+            run_for_inputs(block, _on(streams.compressed[b], device), calls[b], modules, on_hat, full=False)
+        seen.clear()
         dense_x.clear()
+    for n, s in stats.items():
+        lead = leader.get(n)
+        s.n = tokens.get(lead, 0)
+        for field in ("gram", "gram_hat", "cross", "abs_sum"):
+            setattr(s, field, acc.get((lead, field)))
     return stats, dense_out
 
 
@@ -244,8 +284,10 @@ def fisher_information(model: nn.Module, names: list[str], input_ids: torch.Tens
                        batch_size: int = 1) -> dict[str, torch.Tensor]:
     """Σ over batches of (∂L/∂W)² [out, in] for each named linear (FWSVD), with L the LM loss.
 
-    Half-precision models are back-propagated in float32 (and cast back, exactly): float16
-    gradients overflow on large activations."""
+    The sums stay on the model's device in float32 (squares of gradients are non-negative: a float32
+    sum over a few dozen batches loses nothing a solver can see, and it halves the memory of the
+    float64 host copy it replaces). Half-precision models are back-propagated in float32 (and cast
+    back, exactly): float16 gradients overflow on large activations."""
     dtype = next(model.parameters()).dtype
     if dtype in (torch.float16, torch.bfloat16):
         model.float()
@@ -260,7 +302,7 @@ def fisher_information(model: nn.Module, names: list[str], input_ids: torch.Tens
         p.requires_grad_(False)
     for p in params.values():
         p.requires_grad_(True)
-    fisher = {n: torch.zeros(p.shape, dtype=torch.float64) for n, p in params.items()}
+    fisher = {n: torch.zeros(p.shape, dtype=torch.float32, device=device) for n, p in params.items()}
     try:
         for ids in input_ids.split(batch_size):
             ids = ids.to(device)
@@ -270,7 +312,7 @@ def fisher_information(model: nn.Module, names: list[str], input_ids: torch.Tens
                 if not torch.isfinite(p.grad).all():
                     raise LrinferError(f"Fisher information: the gradient of {n} is not finite; "
                                        "check the model and calibration text")
-                fisher[n] += p.grad.double().pow(2).cpu()
+                fisher[n].addcmul_(p.grad, p.grad)
     finally:
         model.zero_grad(set_to_none=True)
         for p, f in flags.items():

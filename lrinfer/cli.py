@@ -99,6 +99,12 @@ def build_parser() -> argparse.ArgumentParser:
     c.add_argument("--no-eval", action="store_true", help="skip the perplexity of dense and compressed models")
     c.add_argument("--compute-dtype", default=None, choices=["float32", "float16", "bfloat16"],
                    help="dtype the model is loaded and calibrated in (default: as loaded; a GGUF gives float32)")
+    c.add_argument("--streams", default="auto", choices=["auto", "device", "host"],
+                   help="where the two activation streams live (default auto: on the device when the memory "
+                        "plan fits them there, else on the host)")
+    c.add_argument("--no-stream", action="store_true",
+                   help="load the whole model even from a safetensors directory (default: one decoder block "
+                        "at a time)")
     _eval_args(c)
     _common(c, dtype_help="dtype of the written checkpoint (default: the source's own 16-bit dtype, else bfloat16)")
 
@@ -123,6 +129,7 @@ def build_parser() -> argparse.ArgumentParser:
     from . import plot
     plot.add_parser(sub)
     _add_generate_bench(sub)
+    _add_plan(sub)
     _add_serve(sub)
     return parser
 
@@ -146,6 +153,46 @@ def cmd_serve(args) -> dict:
     cmd = serve(args.dir, args.host, args.port, args.vllm, dry_run=args.dry_run)   # execs unless --dry-run
     print(shlex.join(cmd))
     return {"command": cmd}
+
+
+def _add_plan(sub) -> None:
+    """`lrinfer plan`: the memory plan of a compression from a config alone (lrinfer/plan.py)."""
+    p = sub.add_parser("plan", help="peak device/host memory and resume disk of a compression, from a config")
+    src = p.add_mutually_exclusive_group(required=True)
+    src.add_argument("--config", help="a config.json (e.g. Llama-2-70B's)")
+    src.add_argument("--model", help="a model directory holding config.json")
+    p.add_argument("--method", default="svdllm")
+    p.add_argument("--ratio", type=float, default=0.2)
+    p.add_argument("--samples", type=int, default=32)
+    p.add_argument("--calib-seq-len", type=int, default=512)
+    p.add_argument("--batch-size", type=int, default=8)
+    p.add_argument("--dtype", default=None, choices=["float32", "float16", "bfloat16"],
+                   help="compute dtype (default: the config's)")
+    p.add_argument("--device", default="cuda", help="cuda or cpu (default cuda)")
+    p.add_argument("--device-memory", type=float, default=None,
+                   help="GiB the device holds (default: what this machine's device has free)")
+    p.add_argument("--host-memory", type=float, default=None, help="GiB of host memory (default: available here)")
+    p.add_argument("--streams", default="auto", choices=["auto", "device", "host"])
+    p.add_argument("--no-stream", action="store_true", help="plan the whole model in memory")
+    p.add_argument("--json", action="store_true")
+    p.add_argument("--debug", action="store_true")
+
+
+def cmd_plan(args) -> dict:
+    from .plan import GiB, plan_for, read_config
+    cfg = read_config(args.config or args.model)
+    gib = lambda x: None if x is None else int(x * GiB)  # noqa: E731
+    plan = plan_for(cfg, args.device, args.dtype, gib(args.device_memory), gib(args.host_memory),
+                    n_samples=args.samples, seq_len=args.calib_seq_len, batch_size=args.batch_size,
+                    method=args.method, ratio=args.ratio, streaming=not args.no_stream, streams=args.streams)
+    if not args.json:
+        print("\n".join(plan.lines()))
+    return plan.to_dict()
+
+
+def _print_plan(plan, args) -> None:
+    """The memory plan's lines: the first output of `compress` (on stderr with --json)."""
+    print("\n".join(plan.lines()), file=sys.stderr if args.json else sys.stdout, flush=True)
 
 
 def _add_generate_bench(sub) -> None:
@@ -229,11 +276,15 @@ def _setup(args):
     return device, dtype
 
 
-def _ppl(model, tok, args, data_dir, progress) -> dict:
+def _ppl(model, tok, args, data_dir, progress, streamer=None) -> dict:
     from .data import eval_windows
     from .evaluate import perplexity
+    from .streaming import streamed_perplexity, streamer_of
     windows, desc = eval_windows(tok, args.data, args.seq_len, args.windows or None, data_dir)
-    out = perplexity(model, windows, args.eval_batch_size, progress)
+    if streamer is not None or streamer_of(model) is not None:    # a streamed model: block by block
+        out = streamed_perplexity(model, windows, args.eval_batch_size, progress, streamer)
+    else:
+        out = perplexity(model, windows, args.eval_batch_size, progress)
     out["data"] = desc
     return out
 
@@ -269,7 +320,22 @@ def cmd_compress(args) -> dict:
         check_candidates(candidates, config, config.n_samples)   # before the model loads
     out = Path(args.out or f"out/{Path(args.model or 'smollm2').stem}-{config.method}-{config.ratio:g}")
     from .checkpoint import _prepare_out_dir
-    model, tok, source = load_model(args.model, dtype, device)
+    from .plan import compress_plan, peak_rss
+    from .solvers import get_solver
+    from .streaming import streamer_of
+    stream = (not args.no_stream and not auto and config.calib != "self"    # these need the whole model
+              and "fisher" not in get_solver(config.method).needs)
+    plan = compress_plan(args.model, config, device, dtype, stream, args.streams)   # before any weight is read
+    if plan is not None:
+        _print_plan(plan, args)
+        plan.check()
+    model, tok, source = load_model(args.model, dtype, device, stream=stream)
+    streamed = streamer_of(model) is not None
+    if plan is None or plan.streaming != streamed:
+        plan = compress_plan(args.model, config, device, next(model.parameters()).dtype, streamed, args.streams,
+                             model_config=model.config)
+        _print_plan(plan, args)
+    args.streams = plan.streams_on
     _prepare_out_dir(out, source, args.overwrite)   # fail before the long work, not after
     data_dir = resolve_data_dir(args.data_dir)
     extra = {}
@@ -285,7 +351,10 @@ def cmd_compress(args) -> dict:
     report.update(extra, fallbacks=fallbacks, dtype=str(out_dtype).removeprefix("torch."))
     if search:
         report["recipe_search"] = search.report()
-    if not args.no_eval:   # the model as it is written: weights rounded to the checkpoint's dtype
+    report.update(memory_plan=plan.to_dict(), streamed=streamed, streams_on=result.streams_on,
+                  peak_device_bytes=result.peak_device_bytes,
+                  resume={"bytes_per_block": result.bytes_written, "bytes_total": sum(result.bytes_written)})
+    if not args.no_eval and not streamed:   # the model as it is written: weights rounded to the checkpoint's dtype
         _round_weights(model, out_dtype)
         report["ppl"] = _ppl(model, tok, args, data_dir, progress)
         report["ppl"]["weights"] = f"stored in {report['dtype']}, computed in {next(model.parameters()).dtype}"
@@ -293,7 +362,16 @@ def cmd_compress(args) -> dict:
           "allocation": config.allocation, "ranks": result.ranks, "config": config.to_dict()}
     if search:
         qc["recipe_search"] = {"chosen": search.best.label, "criterion": search.criterion}
-    save_checkpoint(model, tok, out, qc, base_model=source, overwrite=args.overwrite, dtype=out_dtype)
+    if streamed:   # written tensor by tensor; perplexity then reads the checkpoint back block by block
+        from .streaming import checkpoint_streamer, save_streamed_checkpoint
+        save_streamed_checkpoint(model, tok, out, qc, base_model=source, factor_dir=result.work_dir,
+                                 overwrite=args.overwrite, dtype=out_dtype)
+        if not args.no_eval:
+            report["ppl"] = _ppl(model, tok, args, data_dir, progress, checkpoint_streamer(model, out))
+            report["ppl"]["weights"] = f"stored in {report['dtype']}, computed in {plan.dtype}"
+    else:
+        save_checkpoint(model, tok, out, qc, base_model=source, overwrite=args.overwrite, dtype=out_dtype)
+    report["peak_host_bytes"] = peak_rss()
     report["out"] = str(out)
     report["bytes_on_disk"] = dir_bytes(out)
     atomic_write_bytes(out / "report.json", json.dumps(report, indent=2).encode())
@@ -333,7 +411,8 @@ def _compress_or_search(args, model, tok, config, candidates, data_dir, work_dir
     else:
         calib, calib_desc = calibration_batch(tok, config.calib, config.n_samples, config.seq_len, config.seed,
                                               data_dir, model)
-        result = compress(model, config, calib, progress, work_dir=work_dir, resume=args.resume)
+        result = compress(model, config, calib, progress, work_dir=work_dir, resume=args.resume,
+                          streams=getattr(args, "streams", "auto"))
     return config, result, calib_desc, search
 
 
@@ -430,7 +509,7 @@ def cmd_plot(args) -> dict:
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     handler = {"compress": cmd_compress, "eval": cmd_eval, "info": cmd_info, "plot": cmd_plot, "methods": cmd_methods,
-               "generate": cmd_generate, "bench": cmd_bench, "serve": cmd_serve}[args.command]
+               "generate": cmd_generate, "bench": cmd_bench, "plan": cmd_plan, "serve": cmd_serve}[args.command]
     try:
         report = handler(args)
     except (LrinferError, ImportError) as e:

@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import logging
+import tempfile
 import time
 from dataclasses import asdict, dataclass, field, fields
 
@@ -10,7 +11,7 @@ from torch import nn
 from tqdm.auto import tqdm
 
 from .allocation import get_allocator
-from .calibration import (capture_inputs, collect_stats, fisher_information, linear_stages, run_block,
+from .calibration import (_on, capture_inputs, collect_stats, fisher_information, linear_stages, run_block,
                           swapped_in)
 from .errors import LrinferError
 from .factors import FactorPair, check_ratio
@@ -20,7 +21,8 @@ from .refinement import get_refiner
 from .resume import WorkDir, fingerprint
 from .selection import get_selection
 from .solvers import get_solver
-from .solvers.linalg import whitener
+from .solvers.linalg import factor_gram, singular_values
+from .streaming import streamer_of
 
 log = logging.getLogger(__name__)
 
@@ -85,6 +87,11 @@ class CompressionResult:
     seconds: float
     notes: list[str] = field(default_factory=list)
     refinement: dict[int, dict] = field(default_factory=dict)   # block -> refiner's report (this run's blocks)
+    bytes_written: list[int] = field(default_factory=list)       # per block: bytes of its work files (resume)
+    work_dir: str | None = None          # where each block's factors were written (streamed: read them from here)
+    streamed: bool = False               # blocks were loaded one at a time (`streaming.load_streamed`)
+    streams_on: str = "device"           # where the activation streams lived: "device" or "host"
+    peak_device_bytes: int | None = None  # CUDA: torch.cuda.max_memory_allocated over the run
 
 
 def _check_weight(name: str, W: torch.Tensor) -> None:
@@ -95,46 +102,93 @@ def _check_weight(name: str, W: torch.Tensor) -> None:
 
 
 @torch.no_grad()
-def _spectra(model, blocks, streams, linears, prefix, progress) -> dict[str, torch.Tensor]:
+def _spectra(model, blocks, streams, linears, prefix, progress, streamer=None, device=None
+             ) -> dict[str, torch.Tensor]:
     """Singular values of W·L (L Lᵀ = XᵀX, dense inputs) for every linear: a dense pass for allocators."""
     out = {}
     by_block: dict[int, list] = {}
     for f in linears:
         by_block.setdefault(f.block, []).append(f)
-    for i, block in enumerate(tqdm(blocks, desc="spectra", unit="block", disable=not progress)):
+    for i in tqdm(range(len(blocks)), desc="spectra", unit="block", disable=not progress):
+        block = streamer.load_block(i) if streamer else blocks[i]
         rel = {f.name[len(f"{prefix}.{i}."):]: f.name for f in by_block.get(i, [])}
         if rel:
             stats, dense_out = collect_stats(block, list(rel), frozenset({"gram"}), streams, streams.calls[i],
-                                             {}, rel)
+                                             {}, rel, device=device)
             for r, s in stats.items():
                 W = block.get_submodule(r).weight.double()
                 _check_weight(s.name, W)
-                L, _ = whitener(s.gram, name=s.name)
-                out[s.name] = torch.linalg.svdvals(W @ L)
+                out[s.name] = singular_values(factor_gram(s.gram, name=s.name).right(W)).cpu()
+            del stats
         else:
-            dense_out = run_block(block, streams.dense, streams.calls[i])
+            dense_out = run_block(block, streams.dense, streams.calls[i], device)
         streams.dense = dense_out
+        if streamer:
+            streamer.release_block(i)
     return out
 
 
+def _streams_device(model, config, device: torch.device, streams: str, streaming: bool) -> torch.device:
+    """Where the activation streams live: the compute device, or the host when asked or (streams="auto")
+    when the memory plan does not fit them on the device."""
+    host = torch.device("cpu")
+    if streams not in ("auto", "device", "host"):
+        raise LrinferError(f"streams must be auto, device or host; got {streams!r}")
+    if device.type == "cpu" or streams == "device":
+        return device
+    if streams == "host":
+        return host
+    from .plan import available_memory, estimate
+    free, _ = available_memory(device)
+    if free is None:
+        return device
+    if device.type == "cuda":
+        free += torch.cuda.memory_allocated(device)     # what this process already holds is in the plan
+    dtype = next((p.dtype for p in model.parameters() if p.is_floating_point()), torch.float32)
+    plan = estimate(model.config, n_samples=config.n_samples, seq_len=config.seq_len,
+                    batch_size=config.batch_size, dtype=dtype, method=config.method, ratio=config.ratio,
+                    device=str(device), streaming=streaming, device_free=free)
+    return device if plan.streams_on == "device" else host
+
+
 def compress(model: nn.Module, config: CompressConfig, calib_ids: torch.Tensor, progress: bool = True,
-             work_dir: str | None = None, resume: bool = False) -> CompressionResult:
+             work_dir: str | None = None, resume: bool = False, device: str | torch.device | None = None,
+             streams: str = "auto") -> CompressionResult:
     """Compress `model` in place: every selected `nn.Linear` becomes a `LowRankLinear`.
 
-    calib_ids [n_samples, seq_len] token ids. Blocks run one at a time on the model's device.
-    With `work_dir`, progress is saved after every block; `resume=True` continues from it (the
-    model must be the same dense model), giving the same result, bit for bit, as one run.
+    calib_ids [n_samples, seq_len] token ids. Blocks run one at a time on `device` (default: where
+    the model's weights are). With `work_dir`, progress is saved after every block; `resume=True`
+    continues from it (the model must be the same dense model), giving the same result, bit for bit,
+    as one run. streams: where the two activation streams live, "device", "host", or "auto" (on the
+    device when the memory plan fits them there, else on the host).
+
+    A model from `streaming.load_streamed` (weights on meta) is compressed block by block: each
+    block's weights are read from the shards when it is reached and freed once its factors are in
+    `work_dir` (a temporary directory when None; `result.work_dir`). Its `LowRankLinear`s stay on
+    meta and `result.factors` is empty: write the checkpoint with `streaming.save_streamed_checkpoint`.
     """
     t0 = time.perf_counter()
     check_architecture(model)
     solver = get_solver(config.method)
     prefix, blocks = decoder_blocks(model)
     linears = compressible_linears(model, config.modules)
-    device = next(model.parameters()).device
+    streamer = streamer_of(model)
+    if streamer is not None and "fisher" in solver.needs:
+        raise LrinferError(f"solver '{config.method}' back-propagates through the whole model (Fisher information), "
+                           "so it cannot stream one block at a time; load the model whole "
+                           "(lrinfer compress --no-stream, or load_model(..., stream=False))")
+    if device is None:
+        device = streamer.device if streamer else next(model.parameters()).device
+    device = torch.device(device)
+    stream_device = _streams_device(model, config, device, streams, streamer is not None)
+    if streamer is not None and work_dir is None:
+        work_dir = tempfile.mkdtemp(prefix="lrinfer-work-")
+    if device.type == "cuda":
+        torch.cuda.reset_peak_memory_stats(device)
     was_training = model.training
     model.eval()
     work = WorkDir(work_dir, fingerprint(config.to_dict(), calib_ids, linears)) if work_dir else None
-    saved = work.load() if (work and resume) else None
+    saved = work.load(factors=streamer is None) if (work and resume) else None
     if work and not saved:
         work.start()
 
@@ -146,45 +200,79 @@ def compress(model: nn.Module, config: CompressConfig, calib_ids: torch.Tensor, 
         allocator = get_allocator(config.allocation)
         spectra = None
         if allocator.needs_spectra:
-            streams = capture_inputs(model, blocks, calib_ids, config.batch_size, device)
-            spectra = _spectra(model, blocks, streams, selected, prefix, progress)
+            streams_ = _place(capture_inputs(model, blocks, calib_ids, config.batch_size, device), stream_device)
+            spectra = _spectra(model, blocks, streams_, selected, prefix, progress, streamer, device)
+            del streams_
         ranks = allocator(selected, inner_ratio, config.rank_multiple, spectra, **config.allocation_options)
     fisher = (fisher_information(model, list(ranks), calib_ids, config.batch_size)
               if "fisher" in solver.needs else {})
 
     with torch.no_grad():
-        streams = capture_inputs(model, blocks, calib_ids, config.batch_size, device)
+        streams = _place(capture_inputs(model, blocks, calib_ids, config.batch_size, device), stream_device)
         factors: dict[str, FactorPair] = {}
+        out_ranks: dict[str, list[int]] = {}
         hidden_error: list[float] = []
         refinement: dict[int, dict] = {}
+        bytes_written: list[int] = []
         start = 0
         if saved:
+            if streamer is not None:   # finished blocks stay on disk; the skeleton learns their shapes
+                for name, (r1, r2) in saved.factor_ranks.items():
+                    lin = model.get_submodule(name)
+                    replace_module(model, name, LowRankLinear(lin.in_features, lin.out_features, r1, r2,
+                                                              lin.bias is not None, device="meta",
+                                                              dtype=streamer.dtype))
             for name, pair in saved.factors.items():
                 lin = model.get_submodule(name)
-                replace_module(model, name, LowRankLinear.from_factors(pair.to(device), lin.bias))
-            factors.update(saved.factors)
+                new = LowRankLinear.from_factors(pair.to(device), lin.bias)
+                replace_module(model, name, new)
+                factors[name] = new.factors()
+            out_ranks.update(saved.factor_ranks)
             hidden_error = saved.hidden_error
-            streams.dense = [t.to(device) for t in saved.dense]
-            streams.compressed = [t.to(device) for t in saved.compressed]
+            bytes_written = list(saved.bytes_written)
+            streams.dense = [t.to(stream_device) for t in saved.dense]
+            streams.compressed = (list(streams.dense) if saved.compressed is saved.dense
+                                  else [t.to(stream_device) for t in saved.compressed])
             start = saved.next_block
         bar = tqdm(range(len(blocks)), desc=f"compress ({config.method})", unit="block", initial=start,
                    disable=not progress)
         for i in range(start, len(blocks)):
+            block = streamer.load_block(i) if streamer else blocks[i]
             rel = {f.name[len(f"{prefix}.{i}."):]: f.name for f in linears if f.block == i and f.name in ranks}
-            done, refined = _compress_block(blocks[i], rel, streams, streams.calls[i], solver, config, ranks, fisher,
-                                            bar)
-            factors.update(done)
+            done, refined = _compress_block(block, rel, streams, streams.calls[i], solver, config, ranks, fisher,
+                                            bar, device)
+            out_ranks.update({n: [p.rank, p.rank2] for n, p in done.items()})
+            if streamer is None:
+                factors.update(done)
             if refined:
                 refinement[i] = refined
             hidden_error.append(_relative_error(streams.compressed, streams.dense))
             if work:
-                work.save_block(i, done, ranks, hidden_error, streams.dense, streams.compressed)
+                bytes_written.append(work.save_block(i, done, ranks, hidden_error, streams.dense,
+                                                     streams.compressed, bytes_written))
+            del done
+            if streamer:
+                streamer.release_block(i)
             bar.update(1)
         bar.close()
     model.train(was_training)
-    out_ranks = {n: [p.rank, p.rank2] for n, p in factors.items()}
+    out_ranks = {f.name: out_ranks[f.name] for f in linears if f.name in out_ranks}
+    peak = torch.cuda.max_memory_allocated(device) if device.type == "cuda" else None
     return CompressionResult(factors, out_ranks, linears, hidden_error, time.perf_counter() - t0,
-                             refinement=refinement)
+                             refinement=refinement, bytes_written=bytes_written,
+                             work_dir=str(work_dir) if work_dir else None, streamed=streamer is not None,
+                             streams_on="host" if stream_device != device else "device", peak_device_bytes=peak)
+
+
+def _place(streams, device: torch.device):
+    """Move freshly captured streams to `device` (both lists share their tensors until they differ);
+    host streams of a CUDA run are pinned, for faster copies to the device."""
+    if streams.dense and streams.dense[0].device != device:
+        moved = [t.to(device) for t in streams.dense]
+        if device.type == "cpu" and torch.cuda.is_available():
+            moved = [t.pin_memory() for t in moved]
+        streams.dense, streams.compressed = moved, list(moved)
+    return streams
 
 
 def _relative_error(approx: list[torch.Tensor], exact: list[torch.Tensor]) -> float:
@@ -194,8 +282,8 @@ def _relative_error(approx: list[torch.Tensor], exact: list[torch.Tensor]) -> fl
     return (num / max(den, 1e-300)) ** 0.5
 
 
-def _compress_block(block, rel: dict[str, str], streams, calls, solver, config, ranks, fisher, bar
-                    ) -> tuple[dict[str, FactorPair], dict]:
+def _compress_block(block, rel: dict[str, str], streams, calls, solver, config, ranks, fisher, bar,
+                    device: torch.device | None = None) -> tuple[dict[str, FactorPair], dict]:
     """Solve and patch the block's linears (`rel`: name in block -> qualified name), stage by stage,
     refine them, then advance both streams through the block. Returns the block's factors and the
     refiner's report ({} without refinement)."""
@@ -204,11 +292,11 @@ def _compress_block(block, rel: dict[str, str], streams, calls, solver, config, 
     originals: dict[str, nn.Module] = {}
     if rel:
         modules = {r: block.get_submodule(r) for r in rel}
-        stages = (linear_stages(block, modules, streams.compressed[0], calls[0])
+        stages = (linear_stages(block, modules, _on(streams.compressed[0], device), calls[0])
                   if solver.needs_compressed_stream else [list(rel)])
         for stage in stages:
             stats, out = collect_stats(block, stage, solver.needs, streams, calls, originals, rel,
-                                       dense_outputs=dense_out is None)
+                                       dense_outputs=dense_out is None, device=device)
             dense_out = dense_out if dense_out is not None else out
             for r in stage:
                 name, lin = rel[r], modules[r]
@@ -221,9 +309,12 @@ def _compress_block(block, rel: dict[str, str], streams, calls, solver, config, 
                     raise LrinferError(f"{name}: solver '{config.method}' produced NaN/Inf factors in "
                                        f"{lin.weight.dtype}; try more calibration samples, another method, "
                                        "or float32")
-                factors[name] = pair
-                originals[r] = replace_module(block, r, LowRankLinear.from_factors(pair, lin.bias))
+                new = LowRankLinear.from_factors(pair, lin.bias)
+                originals[r] = replace_module(block, r, new)
+                factors[name] = new.factors()      # the module's own tensors: no second copy
+                del pair
                 bar.set_postfix_str(r)
+            del stats                              # before the next stage's statistics are summed
     refined = {}
     if originals and config.refinement != "none":
         modules = {r: block.get_submodule(r) for r in originals}
@@ -237,8 +328,12 @@ def _compress_block(block, rel: dict[str, str], streams, calls, solver, config, 
                 getattr(m, name).data.copy_(t)
     if dense_out is None:
         with swapped_in(block, originals):
-            dense_out = run_block(block, streams.dense, calls)
+            dense_out = run_block(block, streams.dense, calls, device)
     same = all(c is d for c, d in zip(streams.compressed, streams.dense))
-    comp_out = dense_out if (same and not originals) else run_block(block, streams.compressed, calls)
-    streams.dense, streams.compressed = dense_out, comp_out
+    streams.dense = dense_out
+    if same and not originals:
+        streams.compressed = list(dense_out)
+    else:      # in place: each batch's old input is freed as its output is made
+        for b, call in enumerate(calls):
+            streams.compressed[b] = run_block(block, [streams.compressed[b]], [call], device)[0]
     return factors, refined

@@ -50,13 +50,29 @@ def _looks_like_hub_id(spec: str) -> bool:
     return len(parts) == 2 and all(parts) and not spec.startswith((".", "/", "~"))
 
 
-def load_model(spec: str | None = None, dtype: torch.dtype | None = None, device: str = "cpu"):
+def load_model(spec: str | None = None, dtype: torch.dtype | None = None, device: str = "cpu",
+               stream: bool = False):
     """Load a causal LM and its tokenizer. Returns (model, tokenizer, source: str).
 
     `spec`: None or "smollm2" (the packaged default), a `.gguf` file, a local Hugging Face
     directory, an lrinfer checkpoint directory, or a hub id such as "HuggingFaceTB/SmolLM2-135M".
+    stream=True: a local directory of safetensors files is built on `meta` with only the tensors
+    outside the decoder blocks loaded (`streaming.load_streamed`; `compress` then reads one block at
+    a time); every other source is loaded whole, as with stream=False.
     """
     from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    if stream and spec not in (None, DEFAULT_MODEL):
+        from .streaming import load_streamed, streamable_dir
+        path = Path(os.path.expanduser(spec))
+        if streamable_dir(path):
+            model = load_streamed(path, dtype, device)
+            if model is not None:
+                try:
+                    tok = AutoTokenizer.from_pretrained(str(path))
+                except OSError as e:
+                    raise LrinferError(f"could not load the tokenizer of '{spec}': {str(e).splitlines()[0]}") from e
+                return model, tok, str(path)
 
     spec = spec or DEFAULT_MODEL
     kwargs = {}
@@ -105,11 +121,13 @@ def check_architecture(model: nn.Module) -> str:
 
 def decoder_blocks(model: nn.Module) -> tuple[str, nn.ModuleList]:
     """The decoder's block list, found by structure: the longest ModuleList of same-class
-    modules that contain linears. Returns (qualified name, blocks)."""
+    modules that contain linears (dense or already low-rank). Returns (qualified name, blocks)."""
+    from .nn import LowRankLinear
     best = None
     for name, mod in model.named_modules():
         if isinstance(mod, nn.ModuleList) and len(mod) > 0:
-            if len({type(b) for b in mod}) == 1 and any(isinstance(m, nn.Linear) for m in mod[0].modules()):
+            if len({type(b) for b in mod}) == 1 and any(isinstance(m, (nn.Linear, LowRankLinear))
+                                                        for m in mod[0].modules()):
                 if best is None or len(mod) > len(best[1]):
                     best = (name, mod)
     if best is None:
