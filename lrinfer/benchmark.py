@@ -8,7 +8,11 @@ One run: a prefill forward over `prompt_len` random tokens per sequence (logits 
 position only), then `new_tokens` one-token decode steps, each feeding back the greedy token, on a
 KV cache sized prompt_len + new_tokens. Timings are medians over `repeats` runs after a warm-up
 run; in `compare`, dense and compressed runs alternate (and swap order every repeat), so drift of
-the machine (clocks, other load) hits both sides alike.
+the machine (clocks, other load) hits both sides alike. `decode_speedup` is the ratio of the median
+wall times, `decode_speedup_paired` the median of the per-repeat ratios; on the CPU each run also
+records this process's CPU time (`decode_cpu_ms_per_step`, `decode_speedup_cpu_time`), which time
+spent descheduled by other jobs does not inflate — the figure to trust on a shared machine with one
+thread.
 
 Same treatment for both sides:
   CPU   eager forwards, static KV cache by default (`cache="dynamic"`: HF's growing cache).
@@ -137,30 +141,31 @@ class Runner:
 
     @torch.no_grad()
     def run(self, steps: int | None = None, forward: Callable | None = None) -> tuple[float, float]:
-        """One prefill and `steps` (default new_tokens) decode steps. Returns (prefill s, decode s)."""
+        """One prefill and `steps` (default new_tokens) decode steps. Returns wall seconds (prefill,
+        decode) and this process's CPU seconds (prefill, decode)."""
         forward = forward or self.forward
         steps = self.new_tokens if steps is None else steps
         graphs = self.graphs and forward is self.forward
         cache = self.new_cache()
         _sync(self.device)
-        t0 = time.perf_counter()
+        t0, c0 = time.perf_counter(), time.process_time()
         if graphs:
             torch.compiler.cudagraph_mark_step_begin()
         logits = forward(input_ids=self.ids, cache=cache, use_cache=True, logits_to_keep=1).logits
         token = logits[:, -1].argmax(-1, keepdim=True)
         _sync(self.device)
-        t1 = time.perf_counter()
+        t1, c1 = time.perf_counter(), time.process_time()
         for _ in range(steps):
             if graphs:
                 torch.compiler.cudagraph_mark_step_begin()
             logits = forward(input_ids=token, cache=cache, use_cache=True, logits_to_keep=1).logits
             token = logits[:, -1].argmax(-1, keepdim=True)
         _sync(self.device)
-        t2 = time.perf_counter()
+        t2, c2 = time.perf_counter(), time.process_time()
         if steps == self.new_tokens:   # the cache at its full length (a dynamic cache grows)
             self.kv_cache_bytes = _bytes(t for layer in cache.layers for t in (layer.keys, layer.values)
                                          if isinstance(t, torch.Tensor))
-        return t1 - t0, t2 - t1
+        return t1 - t0, t2 - t1, c1 - c0, c2 - c1
 
     def warm_up(self) -> None:
         """An eager run first (it allocates the static cache outside any graph and measures memory
@@ -180,8 +185,9 @@ class Runner:
         self.run()
 
 
-def _summary(runner: Runner, prefill: list[float], decode: list[float], weights: dict) -> dict:
+def _summary(runner: Runner, times: list[tuple], weights: dict) -> dict:
     b, p, n = runner.batch, runner.prompt_len, runner.new_tokens
+    prefill, decode, decode_cpu = [t[0] for t in times], [t[1] for t in times], [t[3] for t in times]
     pre, dec = statistics.median(prefill), statistics.median(decode)
     extra = runner.extra_bytes if runner.extra_bytes is not None else runner.kv_cache_bytes
     return {
@@ -191,6 +197,9 @@ def _summary(runner: Runner, prefill: list[float], decode: list[float], weights:
         "decode_ms_per_step": round(dec / n * 1e3, 3),
         "decode_tokens_per_s": round(b * n / dec, 2),
         "decode_ms_per_step_min": round(min(decode) / n * 1e3, 3),   # the least disturbed run
+        # CPU: this process's CPU time per step (time spent descheduled by other load is not in it)
+        "decode_cpu_ms_per_step": round(statistics.median(decode_cpu) / n * 1e3, 3) if runner.device.type == "cpu"
+        else None,
         "peak_bytes": weights["weights_bytes"] + extra,
         "kv_cache_bytes": runner.kv_cache_bytes,
         "prefill_s": [round(t, 5) for t in prefill],
@@ -221,7 +230,7 @@ def bench_model(model: nn.Module, batch: int = 1, prompt_len: int = 128, new_tok
     runner.warm_up()
     times = [runner.run() for _ in range(repeats)]
     weights = weight_stats(model)
-    return {**weights, **_summary(runner, [t[0] for t in times], [t[1] for t in times], weights)}
+    return {**weights, **_summary(runner, times, weights)}
 
 
 def compare(dense: nn.Module, compressed: nn.Module, batches=(1,), prompt_len: int = 128, new_tokens: int = 64,
@@ -229,7 +238,8 @@ def compare(dense: nn.Module, compressed: nn.Module, batches=(1,), prompt_len: i
             log: Callable[[str], None] | None = None) -> dict:
     """Both models side by side, at every batch size: repeats alternate dense/compressed (the order
     swaps every repeat). Returns {settings..., dense: weight_stats, compressed: weight_stats,
-    rows: [{batch, dense: {...}, compressed: {...}, decode_speedup, prefill_speedup}]}."""
+    rows: [{batch, dense: {...}, compressed: {...}, decode_speedup, prefill_speedup (ratios of the
+    medians), decode_speedup_paired (median of the per-repeat ratios)}]}."""
     if _device(dense) != _device(compressed):
         raise LrinferError(f"the models are on different devices ({_device(dense)} and {_device(compressed)})")
     dtypes = {next(m.parameters()).dtype for m in (dense, compressed)}
@@ -255,13 +265,20 @@ def compare(dense: nn.Module, compressed: nn.Module, batches=(1,), prompt_len: i
                 times[k].append(runners[k].run())
             if log:
                 log(f"batch {batch}: repeat {i + 1}/{repeats}: decode "
-                    + ", ".join(f"{k} {times[k][-1][1] / new_tokens * 1e3:.2f} ms/step" for k in sides))
+                    + ", ".join(f"{k} {times[k][-1][1] / new_tokens * 1e3:.2f} ms/step (cpu "
+                                f"{times[k][-1][3] / new_tokens * 1e3:.2f})" for k in sides))
         row = {"batch": batch}
         for k in sides:
-            row[k] = _summary(runners[k], [t[0] for t in times[k]], [t[1] for t in times[k]], weights[k])
+            row[k] = _summary(runners[k], times[k], weights[k])
         row["decode_speedup"] = round(row["compressed"]["decode_tokens_per_s"] / row["dense"]["decode_tokens_per_s"], 4)
         row["prefill_speedup"] = round(row["compressed"]["prefill_tokens_per_s"]
                                        / row["dense"]["prefill_tokens_per_s"], 4)
+        # each repeat's two runs are adjacent in time: the median of their ratios cancels slow drift
+        row["decode_speedup_paired"] = round(statistics.median(d[1] / c[1] for d, c in
+                                                               zip(times["dense"], times["compressed"])), 4)
+        if device.type == "cpu":
+            row["decode_speedup_cpu_time"] = round(row["dense"]["decode_cpu_ms_per_step"]
+                                                   / row["compressed"]["decode_cpu_ms_per_step"], 4)
         rows.append(row)
         del runners
     return {
@@ -339,13 +356,19 @@ def format_table(report: dict) -> str:
     for k in ("dense", "compressed"):
         w = report[k]
         lines.append(f"{k:12}{w['params']:>14,}{w['weights_bytes'] / mib:>13.1f}{w['streamed_bytes'] / mib:>14.1f}")
-    lines.append(f"{'batch':>5}  {'model':12}{'prefill tok/s':>15}{'decode tok/s':>14}{'ms/step':>10}{'peak MiB':>10}")
+    cpu_col = any(row["dense"].get("decode_cpu_ms_per_step") is not None for row in report["rows"])
+    lines.append(f"{'batch':>5}  {'model':12}{'prefill tok/s':>15}{'decode tok/s':>14}{'ms/step':>10}"
+                 + (f"{'cpu ms/step':>13}" if cpu_col else "") + f"{'peak MiB':>10}")
     for row in report["rows"]:
         for k in ("dense", "compressed"):
             r = row[k]
             lines.append(f"{row['batch']:>5}  {k:12}{r['prefill_tokens_per_s']:>15.1f}{r['decode_tokens_per_s']:>14.1f}"
-                         f"{r['decode_ms_per_step']:>10.2f}{r['peak_bytes'] / mib:>10.1f}")
-        lines.append(f"{'':>5}  compressed/dense: decode {row['decode_speedup']:.2f}x, prefill "
+                         f"{r['decode_ms_per_step']:>10.2f}"
+                         + (f"{r['decode_cpu_ms_per_step']:>13.2f}" if cpu_col else "")
+                         + f"{r['peak_bytes'] / mib:>10.1f}")
+        cpu = f", cpu time {row['decode_speedup_cpu_time']:.2f}x" if "decode_speedup_cpu_time" in row else ""
+        lines.append(f"{'':>5}  compressed/dense: decode {row['decode_speedup']:.2f}x "
+                     f"(paired {row['decode_speedup_paired']:.2f}x{cpu}), prefill "
                      f"{row['prefill_speedup']:.2f}x (weight bytes per step allow {report['bytes_ratio']:.2f}x)")
     lines.append(f"peak: {report['peak_method']}")
     return "\n".join(lines)

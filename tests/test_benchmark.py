@@ -55,6 +55,8 @@ def test_bench_cli(ckpt, capsys, keep_threads):
             assert r["peak_bytes"] == report[side]["weights_bytes"] + r["kv_cache_bytes"]
         assert row["decode_speedup"] == pytest.approx(row["compressed"]["decode_tokens_per_s"]
                                                       / row["dense"]["decode_tokens_per_s"], rel=1e-3)
+        assert row["decode_speedup_paired"] > 0 and row["decode_speedup_cpu_time"] > 0
+        assert row["dense"]["decode_cpu_ms_per_step"] > 0
     assert "parameter + buffer" in report["peak_method"]
 
     assert main(args[:-4] + ["--repeats", "1"]) == 0     # the table
