@@ -136,11 +136,16 @@ def _unique_state_dict(model: nn.Module) -> tuple[dict[str, torch.Tensor], dict[
     return tensors, aliases
 
 
-def save_dtype(model: nn.Module) -> torch.dtype:
+def save_dtype(model: nn.Module, source: str | None = None) -> torch.dtype:
     """The dtype a checkpoint of `model` is written in by default: the source's own 16-bit dtype when it
-    has one, else bfloat16 (a GGUF dequantizes to float32, but its model is a 16-bit model; the factors
-    are balanced, so 16 bits lose little: docs/results.md)."""
+    has one (the `dtype` a Hugging Face directory `source` declares, else the model's), else bfloat16 (a
+    GGUF dequantizes to float32, but its model is a 16-bit model; the factors are balanced, so 16 bits
+    lose little: docs/results.md)."""
     dtype = getattr(getattr(model, "config", None), "dtype", None)
+    config = Path(source) / "config.json" if source else None
+    if config is not None and config.is_file():
+        declared = json.loads(config.read_text())
+        dtype = declared.get("dtype") or declared.get("torch_dtype") or dtype
     dtype = getattr(torch, dtype, None) if isinstance(dtype, str) else dtype
     return dtype if dtype in (torch.float16, torch.bfloat16) else torch.bfloat16
 

@@ -233,7 +233,7 @@ def cmd_generate(args) -> dict:
 
     device, dtype = _setup(args)
     check_options(args.max_new_tokens, args.sample, args.temperature, args.top_p)   # before the model loads
-    model, tok, source = load_model(args.model, dtype, device)
+    model, tok, source = load_model(args.model, _compute_dtype(dtype, device), device)
     stream = None if args.json else (lambda text: print(text, end="", flush=True))
     report = {"model": source, **generate(model, tok, args.prompt, args.max_new_tokens, raw=args.raw,
                                           sample=args.sample, temperature=args.temperature, top_p=args.top_p,
@@ -254,7 +254,7 @@ def cmd_bench(args) -> dict:
         if args.threads < 1:
             raise LrinferError(f"--threads must be at least 1; got {args.threads}")
         torch.set_num_threads(args.threads)
-    dense, compressed, info = load_pair(args.dir, args.base, device, dtype)
+    dense, compressed, info = load_pair(args.dir, args.base, device, _compute_dtype(dtype, device))
     log = logging.getLogger("lrinfer.bench").info
     report = {**info, **compare(dense, compressed, args.batch, args.prompt_len, args.new_tokens, args.repeats,
                                 graphs=False if args.no_graphs else None, cache=args.cache, log=log)}
@@ -274,6 +274,13 @@ def _setup(args):
     device = getattr(args, "device", None) or ("cuda" if torch.cuda.is_available() else "cpu")
     dtype = getattr(torch, args.dtype) if getattr(args, "dtype", None) else None
     return device, dtype
+
+
+def _compute_dtype(dtype, device: str):
+    """The dtype a model is loaded in: `dtype` when given; else float32 on the CPU (16-bit matmuls are
+    slow and inexact there; a 16-bit checkpoint is upcast, exactly), the checkpoint's own elsewhere."""
+    import torch
+    return dtype if dtype is not None else (torch.float32 if device == "cpu" else None)
 
 
 def _ppl(model, tok, args, data_dir, progress, streamer=None) -> dict:
@@ -329,7 +336,7 @@ def cmd_compress(args) -> dict:
     if plan is not None:
         _print_plan(plan, args)
         plan.check()
-    model, tok, source = load_model(args.model, dtype, device, stream=stream)
+    model, tok, source = load_model(args.model, _compute_dtype(dtype, device), device, stream=stream)
     streamed = streamer_of(model) is not None
     if plan is None or plan.streaming != streamed:
         plan = compress_plan(args.model, config, device, next(model.parameters()).dtype, streamed, args.streams,
@@ -346,7 +353,7 @@ def cmd_compress(args) -> dict:
     with collect_fallbacks() as fallbacks:
         config, result, calib_desc, search = _compress_or_search(args, model, tok, config, candidates, data_dir,
                                                                  work_dir, progress)
-    out_dtype = out_dtype or save_dtype(model)
+    out_dtype = out_dtype or save_dtype(model, source)
     report = compression_report(config, result, source, dense_params, unique_params(model), calib_desc)
     report.update(extra, fallbacks=fallbacks, dtype=str(out_dtype).removeprefix("torch."))
     if search:
@@ -422,7 +429,7 @@ def cmd_eval(args) -> dict:
     from .models import load_model
 
     device, dtype = _setup(args)
-    model, tok, source = load_model(args.model, dtype, device)
+    model, tok, source = load_model(args.model, _compute_dtype(dtype, device), device)
     data_dir = resolve_data_dir(args.data_dir)
     report = {"model": source}
     if is_checkpoint(Path(args.model)):

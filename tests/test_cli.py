@@ -64,6 +64,26 @@ def test_checkpoint_is_16_bit_by_default(tiny_dir, tmp_path, capsys):
     assert sizes["bfloat16"] < 0.55 * sizes["float32"]
 
 
+def test_16_bit_source_keeps_its_dtype_and_cpu_computes_in_float32(tiny_dir, tmp_path, capsys):
+    import shutil
+
+    import torch
+    from transformers import AutoModelForCausalLM
+    src = tmp_path / "fp16"
+    shutil.copytree(tiny_dir / "model", src)
+    AutoModelForCausalLM.from_pretrained(src, dtype=torch.float16).save_pretrained(src)
+    out = tmp_path / "ck16"
+    assert main(["compress", "--model", str(src), "--calib", str(tiny_dir / "text.txt"), "--samples", "4",
+                 "--calib-seq-len", "32", "--no-eval", "--no-progress", "--rank-multiple", "1", "--json",
+                 "--out", str(out), "--device", "cpu"]) == 0
+    assert json.loads((out / "config.json").read_text())["dtype"] == "float16"
+    capsys.readouterr()
+    import lrinfer
+    from lrinfer.cli import _compute_dtype
+    model, _, _ = lrinfer.load_model(str(out), _compute_dtype(None, "cpu"), "cpu")
+    assert {p.dtype for p in model.parameters()} == {torch.float32}
+
+
 def test_expected_fallbacks_are_one_summary_line(tiny_dir, tmp_path, capsys, caplog):
     # 1 sample x 32 tokens < 64 input features: every Gram matrix of a 64-wide input is rank-deficient
     args = ["--samples", "1", "--no-eval"]
