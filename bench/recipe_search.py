@@ -51,6 +51,10 @@ def write(results: dict, stem: str) -> None:
                          f"{'**yes**' if chosen else ''} |")
         if "seconds" in r:
             lines.append(f"\nSearch wall time: {r['seconds']:.0f} s")
+        if "reference" in r:
+            ref = r["reference"]
+            lines.append(f"One `{ref['recipe']}` compression in the same run: {ref['seconds']:.0f} s; the search "
+                         f"cost {ref['search_over_reference']:.2f} of it")
         for task, v in r.get("tasks", {}).items():
             lines.append(f"\nChosen recipe, {task}: acc {v['acc']:.4f} ± {v['acc_stderr']:.4f}, "
                          f"acc_norm {v['acc_norm']:.4f} ± {v['acc_norm_stderr']:.4f} (n = {v['n']})")
@@ -73,6 +77,9 @@ def main(argv=None) -> None:
     ap.add_argument("--full", action="store_true", help="compress every candidate in full (no screening round)")
     ap.add_argument("--screen-samples", type=int, default=8)
     ap.add_argument("--screen-keep", type=int, default=2)
+    ap.add_argument("--reference", default=None, metavar="RECIPE",
+                    help="also time one compression with this recipe in the same run (e.g. saes), for the "
+                         "search's cost in units of it")
     args = ap.parse_args(argv)
     command, data_dir, dense, tok, source = start(argv, args.model)
     candidates = [Recipe.parse(s) for s in args.candidates] if args.candidates else default_candidates(args.ratio)
@@ -86,6 +93,14 @@ def main(argv=None) -> None:
         found = search(dense, base, calib, heldout, candidates, work_dir=work, resume=True, progress=False,
                        screening=None if args.full else Screening(args.screen_samples, args.screen_keep))
     finally:
+        torch.set_num_threads(threads)
+
+    reference = None
+    if args.reference:   # the unit of cost, measured in the same process and thread count
+        torch.set_num_threads(args.compress_threads)
+        t0 = time.perf_counter()
+        lrinfer.compress(copy.deepcopy(dense), Recipe.parse(args.reference).config(base), calib, progress=False)
+        reference = {"recipe": args.reference, "seconds": round(time.perf_counter() - t0, 1)}
         torch.set_num_threads(threads)
 
     # Only now, with the choice made, look at the test split.
@@ -108,6 +123,8 @@ def main(argv=None) -> None:
             results["searches"][f"{args.ratio:g}"] = report
             write(results, args.stem)
 
+    if reference:
+        report["reference"] = {**reference, "search_over_reference": round(found.seconds / reference["seconds"], 2)}
     report["dense_test_ppl"] = lrinfer.perplexity(dense, windows, progress=False)["ppl"]
     for trial in report["trials"]:
         if trial["heldout_ppl"] != float("inf"):

@@ -132,18 +132,19 @@ def methods_catalog() -> dict:
 LAST_CAP_FACTORS = (1.25, 1.5, 2.25, 3.0)   # per-layer cap of the last-layer selection, × the overall ratio
 
 
-def default_candidates(ratio: float = 0.2) -> list[Recipe]:
+def default_candidates(ratio: float = 0.2, refinement: str = "blockfit") -> list[Recipe]:
     """The stated search space: SVD-LLM as the reference, SAES with uniform and D-Rank ranks, ResSVD as
     published, SAES on ResSVD's last-layer selection at per-layer caps of 1.25, 1.5, 2.25 and 3 × `ratio`
     (those below 0.95; at 20%: 0.25, 0.3, 0.45, 0.6, i.e. the last 24, 20, 14 or 10 of 30 blocks), and
-    SAES + D-Rank on the last layers at 1.5 × `ratio`. On SmolLM2-135M the held-out criterion chose
-    1.5 × at 20% and 1.25 × at 40% (README, "Composing the papers")."""
+    SAES + D-Rank on the last layers at 1.5 × `ratio`; each refined by `refinement` (the screening round
+    compares them without it). On SmolLM2-135M the held-out criterion chose 1.5 × at 20% and 1.25 × at
+    40% (docs/results.md, "Composing the papers")."""
     caps = [round(ratio * f, 4) for f in LAST_CAP_FACTORS if ratio * f < 0.95]
     out = [Recipe("svdllm"), Recipe("saes"), Recipe("saes", allocation="drank"), Recipe("ressvd", "last")]
     out += [Recipe("saes", "last", selection_options={"cap": cap}) for cap in caps]
     if (cap := round(ratio * 1.5, 4)) in caps:
         out.append(Recipe("saes", "last", "drank", selection_options={"cap": cap}))
-    return out
+    return [replace(r, refinement=refinement) for r in out]
 
 
 def check_candidates(candidates: list[Recipe], base: CompressConfig, n_calib: int) -> None:

@@ -50,7 +50,7 @@ def test_cli_auto_records_choice_and_reloads(model_dir, tmp_path, capsys):
     assert "screened first on 4 calibration samples" in search["criterion"]
     # the two best proxies went on to the full round, and the full round alone decided
     assert {t["label"].removesuffix(" / 4 samples") for t in sorted(screen, key=lambda t: t["heldout_ppl"])[:2]} \
-        == {t["label"] for t in full}
+        == {t["label"].removesuffix(" / blockfit") for t in full}   # finalists refined, proxies not
     best = min(full, key=lambda t: t["heldout_ppl"])
     assert search["chosen_label"] == best["label"] and report["method"] == best["recipe"]["method"]
     qc = json.loads((out / "config.json").read_text())["quantization_config"]
