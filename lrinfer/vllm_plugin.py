@@ -22,6 +22,9 @@ all of U (vLLM's RowParallelLinear all-reduces and adds the bias on rank 0 only)
 Forward: S = 1 is one `torch.ops.lrinfer.lowrank_linear`; S > 1 is one
 `torch.ops.lrinfer.lowrank_linear_grouped` (one shrink over the concatenated V, one expand writing
 each shard's columns). Both have fake impls (vLLM's torch.compile traces through them).
+Opt-in CPU path, `--quantization lrinfer_onednn` (same checkpoints): the shrink over the concatenated V
+and each shard's expand run through vLLM's prepacked oneDNN matmuls, as vLLM runs its dense linears on
+the CPU (no per-call primitive creation; faster at small batch there; bench/results/vllm_cpu.md).
 Not supported (raise with a message): a fused layer whose shards are partly dense, factors already
 fused on disk (a checkpoint of a model whose own q/k/v are one linear).
 """
@@ -30,6 +33,7 @@ from __future__ import annotations
 import torch
 
 QUANT_METHOD = "lrinfer"
+QUANT_METHOD_ONEDNN = "lrinfer_onednn"   # opt-in CPU path: --quantization lrinfer_onednn
 # vLLM's fused linears and the Hugging Face linears they stack (Llama, Qwen2/3, Mistral, Gemma); vLLM
 # also hands each model's own `packed_modules_mapping` to the config, which takes precedence.
 PACKED_MODULES = {"qkv_proj": ["q_proj", "k_proj", "v_proj"], "gate_up_proj": ["gate_proj", "up_proj"]}
@@ -72,6 +76,35 @@ def shard_index(loaded_shard_id, n_shards: int) -> int:
     return i
 
 
+def _onednn_handlers(layer):
+    """Prepacked oneDNN matmuls for V and every shard's U (vLLM's CPU GEMM); the factors then live only in
+    the handlers (as vLLM does for its dense weights). None when not on the CPU or oneDNN is unavailable."""
+    from vllm import _custom_ops as ops
+    V, U = layer.V.data, layer.U.data
+    if V.device.type != "cpu" or not getattr(ops, "_supports_onednn", False):
+        return None
+    from lrinfer.serving import _grouped_views
+    U = U.reshape(-1)
+    hV = ops.create_onednn_mm(V, 32)                       # V is [in, Σk]: the [K, N] oneDNN expects
+    hU = [ops.create_onednn_mm(Ui.t(), 32) for *_, Ui in _grouped_views(V, U, layer.lrinfer_ranks, layer.lrinfer_outs)]
+    for name in ("V", "U"):
+        setattr(layer, name, torch.nn.Parameter(torch.empty(0, dtype=V.dtype), requires_grad=False))
+    return hV, hU
+
+
+def _onednn_apply(layer, x, bias):
+    from vllm import _custom_ops as ops
+    hV, hU = layer.lrinfer_onednn
+    lead = x.shape[:-1]
+    t = ops.onednn_mm(hV, x.reshape(-1, x.shape[-1]), None)   # the one shrink
+    ys, k0, o0 = [], 0, 0
+    for h, k, o in zip(hU, layer.lrinfer_ranks, layer.lrinfer_outs):
+        ys.append(ops.onednn_mm(h, t[:, k0:k0 + k], None if bias is None else bias[o0:o0 + o]))
+        k0, o0 = k0 + k, o0 + o
+    y = ys[0] if len(ys) == 1 else torch.cat(ys, dim=-1)
+    return y.reshape(*lead, y.shape[-1])
+
+
 _REGISTERED = False
 
 
@@ -101,9 +134,10 @@ def _build() -> None:
     class LrinferLinearMethod(LinearMethodBase):
         """y = [x V_0 U_0ᵀ | ... | x V_{S-1} U_{S-1}ᵀ] + bias for the S shards of one (possibly fused) linear."""
 
-        def __init__(self, ranks: list[tuple[int, int]], prefix: str = ""):
+        def __init__(self, ranks: list[tuple[int, int]], prefix: str = "", onednn: bool = False):
             self.ranks = ranks      # per shard (k, k2)
             self.prefix = prefix
+            self.onednn = onednn    # QUANT_METHOD_ONEDNN: vLLM's prepacked oneDNN matmuls on the CPU
 
         def create_weights(self, layer, input_size_per_partition, output_partition_sizes, input_size,
                            output_size, params_dtype, **extra_weight_attrs):
@@ -192,8 +226,11 @@ def _build() -> None:
                 layer.U = torch.nn.Parameter(layer.U.data.view(layer.lrinfer_outs[0], layer.lrinfer_ranks[0]),
                                              requires_grad=False)
             del layer.lrinfer_loaded
+            layer.lrinfer_onednn = _onednn_handlers(layer) if self.onednn else None
 
         def apply(self, layer, x, bias=None):
+            if layer.lrinfer_onednn is not None:
+                return _onednn_apply(layer, x, bias)
             if len(self.ranks) == 1:
                 return torch.ops.lrinfer.lowrank_linear(x, layer.V, layer.U, bias, None, None)
             return torch.ops.lrinfer.lowrank_linear_grouped(x, layer.V, layer.U, bias, layer.lrinfer_ranks,
@@ -245,18 +282,33 @@ def _build() -> None:
                 raise NotImplementedError(f"lrinfer vLLM plugin: {prefix} fuses compressed and dense linears "
                                           f"({', '.join(dense)} dense); compress all of "
                                           f"{', '.join(n.rpartition('.')[2] for n in names)} or none")
-            return LrinferLinearMethod(ranks, prefix)
+            return LrinferLinearMethod(ranks, prefix, onednn=self.get_name() == QUANT_METHOD_ONEDNN)
+
+    @register_quantization_config(QUANT_METHOD_ONEDNN)
+    class LrinferOnednnVllmConfig(LrinferVllmConfig):
+        """The same checkpoints, with the factors' GEMMs on the CPU through vLLM's prepacked oneDNN matmuls
+        (how vLLM runs its own dense linears there): `--quantization lrinfer_onednn`. A separate method
+        name, so vLLM's compile cache (keyed on it) never mixes the two paths."""
+
+        def get_name(self):
+            return QUANT_METHOD_ONEDNN
+
+        @classmethod
+        def override_quantization_method(cls, hf_quant_cfg, user_quant, hf_config=None):
+            if user_quant == QUANT_METHOD_ONEDNN and (hf_quant_cfg or {}).get("quant_method") == QUANT_METHOD:
+                return QUANT_METHOD_ONEDNN
+            return None
 
     # Module-level names, so pickle finds the classes by reference (vLLM's API server pickles its config,
     # quantization config included, into the engine process; `__getattr__` below builds them there).
-    for cls in (LrinferLinearMethod, LrinferVllmConfig):
+    for cls in (LrinferLinearMethod, LrinferVllmConfig, LrinferOnednnVllmConfig):
         cls.__module__, cls.__qualname__ = __name__, cls.__name__
         globals()[cls.__name__] = cls
 
 
 def __getattr__(name: str):
     """`LrinferVllmConfig` and `LrinferLinearMethod` exist once vLLM is imported: build them on first use."""
-    if name in ("LrinferVllmConfig", "LrinferLinearMethod"):
+    if name in ("LrinferVllmConfig", "LrinferOnednnVllmConfig", "LrinferLinearMethod"):
         register()
         return globals()[name]
     raise AttributeError(f"module {__name__!r} has no attribute {name!r}")

