@@ -39,6 +39,8 @@ def write(results: dict, stem: str) -> None:
     models = {model_name(r.get("model", "")) for r in results["searches"].values()}
     lines = [f"# Recipe search on {', '.join(sorted(models))}", ""]
     for key, r in sorted(results["searches"].items()):
+        if "trials" not in r:   # a reference timing whose search has not finished yet
+            continue
         lines += [f"## ratio {key}", "", f"Command: `{r['command']}`  ",
                   f"Calibration: {r['calibration']}; criterion: {r['criterion']}  ",
                   f"Test: {r['eval']}; host: {r['host']}; dense test PPL "
@@ -51,15 +53,39 @@ def write(results: dict, stem: str) -> None:
                          f"{'**yes**' if chosen else ''} |")
         if "seconds" in r:
             lines.append(f"\nSearch wall time: {r['seconds']:.0f} s")
-        if "reference" in r:
+        if "reference" in r and "cpu_seconds" in r:
             ref = r["reference"]
-            lines.append(f"One `{ref['recipe']}` compression in the same run: {ref['seconds']:.0f} s; the search "
-                         f"cost {ref['search_over_reference']:.2f} of it")
+            lines.append(f"One `{ref['recipe']}` compression on the same rows (`{ref['command']}`): "
+                         f"{ref['cpu_seconds']:.0f} CPU s; the search: {r['cpu_seconds']:.0f} CPU s = "
+                         f"{r['cpu_seconds'] / ref['cpu_seconds']:.2f} × (one thread each; CPU time, as the "
+                         "machine was shared)")
         for task, v in r.get("tasks", {}).items():
             lines.append(f"\nChosen recipe, {task}: acc {v['acc']:.4f} ± {v['acc_stderr']:.4f}, "
                          f"acc_norm {v['acc_norm']:.4f} ± {v['acc_norm_stderr']:.4f} (n = {v['n']})")
         lines.append("")
     (OUT / f"{stem}.md").write_text("\n".join(lines))
+
+
+def save_entry(stem: str, ratio: float, entry: dict) -> None:
+    """Merge `entry` into the results of `ratio` in bench/results/<stem>.json (several runs may share it)."""
+    with locked(stem):
+        path = OUT / f"{stem}.json"
+        results = json.loads(path.read_text()) if path.exists() else {"searches": {}}
+        key = f"{ratio:g}"
+        results["searches"][key] = {**results["searches"].get(key, {}), **entry}
+        write(results, stem)
+
+
+def time_reference(args, command, dense, tok, data_dir) -> None:
+    """One compression with `args.reference` on the search's calibration rows, wall and CPU seconds."""
+    base = lrinfer.CompressConfig(ratio=args.ratio, n_samples=args.samples, seq_len=args.seq_len)
+    calib, _, _ = calibration_split(tok, "wikitext2", args.samples, args.seq_len, args.heldout, 0, data_dir)
+    torch.set_num_threads(args.compress_threads)
+    t0, cpu0 = time.perf_counter(), time.process_time()
+    lrinfer.compress(copy.deepcopy(dense), Recipe.parse(args.reference).config(base), calib, progress=False)
+    save_entry(args.stem, args.ratio, {"reference": {
+        "recipe": args.reference, "command": command, "seconds": round(time.perf_counter() - t0, 1),
+        "cpu_seconds": round(time.process_time() - cpu0, 1)}})
 
 
 def main(argv=None) -> None:
@@ -78,10 +104,13 @@ def main(argv=None) -> None:
     ap.add_argument("--screen-samples", type=int, default=8)
     ap.add_argument("--screen-keep", type=int, default=2)
     ap.add_argument("--reference", default=None, metavar="RECIPE",
-                    help="also time one compression with this recipe in the same run (e.g. saes), for the "
-                         "search's cost in units of it")
+                    help="instead of searching, time one compression with this recipe (e.g. saes) on the same "
+                         "calibration rows, the unit of the search's cost; it may run beside the search, as costs "
+                         "are compared in CPU seconds of one thread")
     args = ap.parse_args(argv)
     command, data_dir, dense, tok, source = start(argv, args.model)
+    if args.reference:
+        return time_reference(args, command, dense, tok, data_dir)
     candidates = [Recipe.parse(s) for s in args.candidates] if args.candidates else default_candidates(args.ratio)
     base = lrinfer.CompressConfig(ratio=args.ratio, n_samples=args.samples, seq_len=args.seq_len)
     calib, heldout, calib_desc = calibration_split(tok, "wikitext2", args.samples, args.seq_len, args.heldout,
@@ -89,23 +118,18 @@ def main(argv=None) -> None:
     work = Path("out") / f".{args.stem}_{args.ratio:g}_n{args.samples}"
     threads = torch.get_num_threads()
     torch.set_num_threads(args.compress_threads)
+    cpu0 = time.process_time()
     try:
         found = search(dense, base, calib, heldout, candidates, work_dir=work, resume=True, progress=False,
                        screening=None if args.full else Screening(args.screen_samples, args.screen_keep))
     finally:
         torch.set_num_threads(threads)
-
-    reference = None
-    if args.reference:   # the unit of cost, measured in the same process and thread count
-        torch.set_num_threads(args.compress_threads)
-        t0 = time.perf_counter()
-        lrinfer.compress(copy.deepcopy(dense), Recipe.parse(args.reference).config(base), calib, progress=False)
-        reference = {"recipe": args.reference, "seconds": round(time.perf_counter() - t0, 1)}
-        torch.set_num_threads(threads)
+    search_cpu_s = time.process_time() - cpu0
 
     # Only now, with the choice made, look at the test split.
     windows, eval_desc = lrinfer.eval_windows(tok, "wikitext2", args.seq_len, args.windows, data_dir)
-    report = {**found.report(), "command": command, "model": source, "torch": torch.__version__,
+    report = {**found.report(), "cpu_seconds": round(search_cpu_s, 1), "command": command, "model": source,
+              "torch": torch.__version__,
               "calibration": f"{calib_desc}, first 90%, {tuple(calib.shape)}, seed 0", "eval": eval_desc +
               f", {tuple(windows.shape)}", "host": f"{platform.machine()} CPU (shared)"}
 
@@ -117,17 +141,11 @@ def main(argv=None) -> None:
         return model
 
     def save():
-        with locked(args.stem):
-            path = OUT / f"{args.stem}.json"
-            results = json.loads(path.read_text()) if path.exists() else {"searches": {}}
-            results["searches"][f"{args.ratio:g}"] = report
-            write(results, args.stem)
+        save_entry(args.stem, args.ratio, report)
 
-    if reference:
-        report["reference"] = {**reference, "search_over_reference": round(found.seconds / reference["seconds"], 2)}
     report["dense_test_ppl"] = lrinfer.perplexity(dense, windows, progress=False)["ppl"]
-    for trial in report["trials"]:
-        if trial["heldout_ppl"] != float("inf"):
+    for trial in report["trials"]:   # proxies of the screening round are not measured on test
+        if trial["heldout_ppl"] != float("inf") and trial.get("round") != "screen":
             trial["test_ppl"] = lrinfer.perplexity(patched(trial), windows, progress=False)["ppl"]
             print(json.dumps(trial), flush=True)
     save()
