@@ -45,11 +45,18 @@ class Method:
 
 
 class Registry(dict):
-    """name -> Method, for one stage; `lookup` names the choices when a name is unknown."""
+    """name -> Method (or a subclass, `kind`), for one stage; `lookup` names the choices when a name is unknown."""
 
-    def __init__(self, what: str):
+    def __init__(self, what: str, kind: type = Method):
         super().__init__()
-        self.what = what
+        self.what, self.kind = what, kind
+
+    def register(self, name: str, summary: str = "", **fields):
+        """Decorator registering a function under `name`; `fields` fill the `kind`'s extra fields."""
+        def deco(fn):
+            self[name] = self.kind(name, fn, summary or (fn.__doc__ or "").strip().split("\n")[0], **fields)
+            return fn
+        return deco
 
     def lookup(self, name: str) -> Method:
         if name not in self:

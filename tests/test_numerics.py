@@ -35,14 +35,14 @@ def assert_finite(model, result, ids):
 
 def fallback_logs(caplog) -> list[str]:
     return [r.getMessage() for r in caplog.records
-            if r.name.startswith("lrinfer") and r.levelno >= logging.INFO
+            if r.name.startswith("lrinfer")
             and ("rank-deficient" in r.getMessage() or "not positive definite" in r.getMessage()
                  or "Gram matrix is zero" in r.getMessage())]
 
 
 @pytest.fixture
 def info_logs(caplog):
-    caplog.set_level(logging.INFO, logger="lrinfer")
+    caplog.set_level(logging.DEBUG, logger="lrinfer")   # fallbacks are DEBUG lines (--verbose)
     return caplog
 
 
@@ -124,12 +124,12 @@ def record_stats(monkeypatch, method, name):
     seen = {}
     orig = SOLVERS[method]
 
-    @functools.wraps(orig.solve)
+    @functools.wraps(orig.fn)
     def solve(W, stats, rank, **kw):
         if stats.name == name:
             seen["stats"] = stats
-        return orig.solve(W, stats, rank, **kw)
-    monkeypatch.setitem(SOLVERS, method, dataclasses.replace(orig, solve=solve))
+        return orig.fn(W, stats, rank, **kw)
+    monkeypatch.setitem(SOLVERS, method, dataclasses.replace(orig, fn=solve))
     return seen
 
 
@@ -155,7 +155,9 @@ def test_fp16_statistics_accumulate_in_float64(method, make_tiny, calib_ids, mon
     for field in ("gram", "gram_hat", "cross", "abs_sum", "fisher"):
         value = getattr(stats, field)
         if value is not None:
-            assert value.dtype == torch.float64 and torch.isfinite(value).all(), field
+            # FWSVD's Fisher (squared gradients, never a Gram) accumulates in float32 on the device
+            assert value.dtype == (torch.float32 if field == "fisher" else torch.float64), field
+            assert torch.isfinite(value).all(), field
     if stats.gram is not None:
         torch.testing.assert_close(stats.gram, gram64, rtol=1e-9, atol=0)
     if stats.abs_sum is not None:

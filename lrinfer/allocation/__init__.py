@@ -18,15 +18,12 @@ class Allocator(Method):
     needs_spectra: bool = False     # wants the whitened singular values of every selected linear
 
 
-ALLOCATORS = Registry("rank allocation")
+ALLOCATORS = Registry("rank allocation", Allocator)
 
 
 def register_allocator(name: str, needs_spectra: bool = False, summary: str = ""):
     """Decorator registering `allocate(linears, ratio, multiple, spectra, *, option=...)` under `name`."""
-    def deco(fn):
-        ALLOCATORS[name] = Allocator(name, fn, summary, needs_spectra)
-        return fn
-    return deco
+    return ALLOCATORS.register(name, summary, needs_spectra=needs_spectra)
 
 
 def get_allocator(name: str) -> Allocator:

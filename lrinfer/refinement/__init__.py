@@ -13,14 +13,7 @@ from __future__ import annotations
 from ..registry import Method, Registry
 
 REFINERS = Registry("refinement")
-
-
-def register_refiner(name: str, summary: str = ""):
-    """Decorator registering `refine(block, modules, inputs, targets, calls, *, option=...)` under `name`."""
-    def deco(fn):
-        REFINERS[name] = Method(name, fn, summary)
-        return fn
-    return deco
+register_refiner = REFINERS.register   # @register_refiner(name, summary) on `refine(block, modules, ..., *, ...)`
 
 
 def get_refiner(name: str) -> Method:

@@ -11,14 +11,7 @@ from ..models import LinearInfo
 from ..registry import Method, Registry
 
 SELECTIONS = Registry("layer selection")
-
-
-def register_selection(name: str, summary: str = ""):
-    """Decorator registering `select(linears, ratio, *, option=...)` under `name`."""
-    def deco(fn):
-        SELECTIONS[name] = Method(name, fn, summary)
-        return fn
-    return deco
+register_selection = SELECTIONS.register   # @register_selection(name, summary) on `select(linears, ratio, *, ...)`
 
 
 def get_selection(name: str) -> Method:

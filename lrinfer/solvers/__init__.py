@@ -25,7 +25,7 @@ class Solver(Method):
         return bool(self.needs & {"gram_hat", "cross"})
 
 
-SOLVERS = Registry("method")
+SOLVERS = Registry("method", Solver)
 
 
 def register_solver(name: str, needs=(), summary: str = "", selection: str = "all"):
@@ -36,10 +36,7 @@ def register_solver(name: str, needs=(), summary: str = "", selection: str = "al
     if not needs <= STAT_FIELDS:
         raise ValueError(f"unknown statistics {sorted(needs - STAT_FIELDS)}; known: {sorted(STAT_FIELDS)}")
 
-    def deco(fn):
-        SOLVERS[name] = Solver(name, fn, summary or (fn.__doc__ or "").strip().splitlines()[0], needs, selection)
-        return fn
-    return deco
+    return SOLVERS.register(name, summary, needs=needs, selection=selection)
 
 
 def get_solver(name: str) -> Solver:

@@ -40,7 +40,7 @@ def test_plain_svd_is_eckart_young():
 
 
 def test_singular_gram_falls_back_without_nan(caplog):
-    caplog.set_level(logging.INFO)
+    caplog.set_level(logging.DEBUG, logger="lrinfer")
     X, W = _data(n=10)                         # 10 tokens, 48 features: rank-deficient Gram
     G = X.T @ X
     G[:, 0] = G[0, :] = 0.0                    # and a dead input channel
