@@ -332,7 +332,9 @@ def cmd_compress(args) -> dict:
     from .streaming import streamer_of
     stream = (not args.no_stream and not auto and config.calib != "self"    # these need the whole model
               and "fisher" not in get_solver(config.method).needs)
-    plan = compress_plan(args.model, config, device, dtype, stream, args.streams)   # before any weight is read
+    eval_kw = {} if args.no_eval else {"eval_windows": args.windows or 64, "eval_seq_len": args.seq_len,
+                                       "eval_batch_size": args.eval_batch_size}
+    plan = compress_plan(args.model, config, device, dtype, stream, args.streams, **eval_kw)   # before weights load
     if plan is not None:
         _print_plan(plan, args)
         plan.check()
@@ -340,7 +342,7 @@ def cmd_compress(args) -> dict:
     streamed = streamer_of(model) is not None
     if plan is None or plan.streaming != streamed:
         plan = compress_plan(args.model, config, device, next(model.parameters()).dtype, streamed, args.streams,
-                             model_config=model.config)
+                             model_config=model.config, **eval_kw)
         _print_plan(plan, args)
     args.streams = plan.streams_on
     _prepare_out_dir(out, source, args.overwrite)   # fail before the long work, not after

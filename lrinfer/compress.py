@@ -156,8 +156,8 @@ def compress(model: nn.Module, config: CompressConfig, calib_ids: torch.Tensor, 
              streams: str = "auto") -> CompressionResult:
     """Compress `model` in place: every selected `nn.Linear` becomes a `LowRankLinear`.
 
-    calib_ids [n_samples, seq_len] token ids. Blocks run one at a time on `device` (default: where
-    the model's weights are). With `work_dir`, progress is saved after every block; `resume=True`
+    calib_ids [n_samples, seq_len] token ids. Blocks run one at a time where the model's weights are
+    (a streamed model: on `device`, default its loader's). With `work_dir`, progress is saved after every block; `resume=True`
     continues from it (the model must be the same dense model), giving the same result, bit for bit,
     as one run. streams: where the two activation streams live, "device", "host", or "auto" (on the
     device when the memory plan fits them there, else on the host).
@@ -177,9 +177,14 @@ def compress(model: nn.Module, config: CompressConfig, calib_ids: torch.Tensor, 
         raise LrinferError(f"solver '{config.method}' back-propagates through the whole model (Fisher information), "
                            "so it cannot stream one block at a time; load the model whole "
                            "(lrinfer compress --no-stream, or load_model(..., stream=False))")
-    if device is None:
-        device = streamer.device if streamer else next(model.parameters()).device
-    device = torch.device(device)
+    if streamer is None:        # an in-memory model runs where its weights are
+        weights_on = next(model.parameters()).device
+        asked = torch.device(device) if device is not None else weights_on
+        if asked.type != weights_on.type or asked.index not in (None, weights_on.index):
+            raise LrinferError(f"compress: the model's weights are on {weights_on}, not {device}; move the model "
+                               "(device= places the blocks of a streamed model)")
+        device = weights_on
+    device = torch.device(device if device is not None else streamer.device)
     stream_device = _streams_device(model, config, device, streams, streamer is not None)
     if streamer is not None and work_dir is None:
         work_dir = tempfile.mkdtemp(prefix="lrinfer-work-")

@@ -176,11 +176,14 @@ def _solve_bytes(needs: frozenset, method: str, i: int, o: int) -> int:
 
 def estimate(config, *, n_samples: int = 32, seq_len: int = 512, batch_size: int = 8, dtype="float32",
              method: str = "svdllm", ratio: float = 0.2, device: str = "cpu", streaming: bool = True,
-             streams: str = "auto", device_free: int | None = None, host_free: int | None = None) -> MemoryPlan:
+             streams: str = "auto", device_free: int | None = None, host_free: int | None = None,
+             eval_windows: int = 0, eval_seq_len: int = 512, eval_batch_size: int = 4) -> MemoryPlan:
     """The memory plan of compressing a model of `config` (a transformers config or a config.json dict).
 
     device_free / host_free: bytes available (None: not checked). streams: "auto" (on the device when
-    the plan fits so, else on the host), "device" or "host". Nothing is loaded."""
+    the plan fits so, else on the host), "device" or "host". eval_windows > 0: perplexity runs too (its
+    peak: the float32 logits of one batch, their shifted copy and log-softmax, 3 × B·T·vocab·4, and, streamed,
+    the hidden states of every window). Nothing is loaded."""
     from .solvers import get_solver
     if streams not in ("auto", "device", "host"):
         raise LrinferError(f"streams must be auto, device or host; got {streams!r}")
@@ -219,9 +222,16 @@ def estimate(config, *, n_samples: int = 32, seq_len: int = 512, batch_size: int
                + 2 * min(1 << 28, tokens * in_max * 8))
         return stream, act
 
+    evaluation = 0
+    if eval_windows:
+        evaluation = 3 * min(eval_batch_size, eval_windows) * eval_seq_len * s.vocab * 4
+        evaluation += (2 * eval_windows * eval_seq_len * s.hidden * D if streaming
+                       else min(eval_batch_size, eval_windows) * eval_seq_len * (3 * s.intermediate + 6 * s.hidden) * D)
+
     def peaks(on: str, n: int, b: int) -> tuple[int, int]:
         stream, act = terms(n, b)
-        dev = outside + block + factors + statistics + max(solve, act) + (stream if on == "device" else 0)
+        dev = outside + block + max(factors + statistics + max(solve, act) + (stream if on == "device" else 0),
+                                    evaluation)
         host = runtime + read_buffer + (stream if on == "host" else 0)
         return dev, host + dev if cpu else host
 
@@ -236,6 +246,8 @@ def estimate(config, *, n_samples: int = 32, seq_len: int = 512, batch_size: int
     dev, host = peaks(on, n_samples, batch_size)
     ok = fits(on, n_samples, batch_size)
     advice = []
+    if evaluation:
+        notes.append(f"perplexity's logits and hidden states: {_gib(evaluation)} at their peak")
     if not ok:
         if on == "device" and not cpu and fits("host", n_samples, batch_size):
             advice.append("streams on the host (--streams host)")
@@ -313,7 +325,7 @@ def plan_for(config: dict, device: str, dtype: str | None = None, device_memory:
 
 
 def compress_plan(spec: str | None, config, device, dtype: torch.dtype | None, streaming: bool,
-                  streams: str = "auto", model_config=None) -> MemoryPlan | None:
+                  streams: str = "auto", model_config=None, **eval_kw) -> MemoryPlan | None:
     """The plan of `lrinfer compress` (config: a `CompressConfig`): from the source's config.json when it
     is a local directory, before any weight is read; from `model_config` (a loaded model's) otherwise.
     None when neither is at hand (a GGUF file or a hub id before loading)."""
@@ -329,7 +341,7 @@ def compress_plan(spec: str | None, config, device, dtype: torch.dtype | None, s
     dt = str(dtype).removeprefix("torch.") if dtype is not None else config_dtype(cfg)
     return plan_for(cfg, str(device), dt, n_samples=config.n_samples, seq_len=config.seq_len,
                     batch_size=config.batch_size, method=config.method, ratio=config.ratio, streaming=streaming,
-                    streams=streams)
+                    streams=streams, **eval_kw)
 
 
 def peak_rss() -> int | None:
