@@ -17,10 +17,13 @@ H hidden, I MLP width, `in_max` the widest linear input):
   factors      the finished block's factors while it is written, (1 − ratio) × block
   runtime      the process itself on the host: Python, torch, transformers (measured ~0.45 GiB on CPU;
                a CUDA context adds ~0.5 GiB of host memory)
+  loading      streaming: one block read from the shards; the whole model: the loader's copy, 1 × the weights
 
 Device peak = outside + block + factors + streams (when on the device) + statistics + max(solve,
-activations). Host peak = runtime + streams (when on the host) + one block read from the shards;
-on a CPU-only run the device is the host, and the two add up. Without streaming the whole model
+activations). Host peak = runtime + loading + streams (when on the host); on a CPU-only run the device
+is the host, and the two add up. Measured on the CPU (bench/results/compress_memory_cpu.json): streamed,
+the plan is 1.19-1.23 × the peak RSS (it counts embeddings and head that a CPU run maps from the shards
+and never fully touches); the whole model in memory, 0.8-1.05 ×. Without streaming the whole model
 replaces `block`. Resume disk = the factors of every block written so far, (1 − ratio) × the
 linears, + two streams files (the new one is durable before the old one is deleted).
 """
@@ -213,7 +216,9 @@ def estimate(config, *, n_samples: int = 32, seq_len: int = 512, batch_size: int
     solve = max(_solve_bytes(needs, method, i, o) for _, i, o in lin)
     factors = int((1 - ratio) * s.block_params * D)
     runtime = RUNTIME_HOST + (0 if cpu else CUDA_CONTEXT_HOST)
-    read_buffer = per_block if streaming else 0
+    # streaming: one block read from the shards at a time; whole: transformers' loader holds the model's
+    # safetensors pages as well as its tensors (measured ~1x the weights on top, bench/compress_memory.py)
+    read_buffer = per_block if streaming else per_block * s.layers + outside
 
     def terms(n: int, b: int) -> tuple[int, int]:
         stream = 3 * n * seq_len * s.hidden * D
