@@ -77,7 +77,7 @@ def make_model_dir(path: Path, layers: int, hidden: int, intermediate: int, head
 def _tokenizer(path: Path) -> None:
     from tokenizers import ByteLevelBPETokenizer
     from transformers import PreTrainedTokenizerFast
-    text_file = DATA / "wikitext-2" / "valid.txt"
+    text_file = Path(os.environ.get("LRINFER_DATA_DIR", DATA)) / "wikitext-2" / "valid.txt"
     text = text_file.read_text()[:400_000] if text_file.is_file() else "the quick brown fox " * 5000
     bpe = ByteLevelBPETokenizer()
     bpe.train_from_iterator([text], vocab_size=2000, min_frequency=2, special_tokens=["<s>"])
@@ -110,6 +110,9 @@ def main(argv=None) -> None:
     p.add_argument("--samples", type=int, default=8)
     p.add_argument("--calib-seq-len", type=int, default=256)
     p.add_argument("--device", default="cpu")
+    p.add_argument("--calib", default="wikitext2", help="calibration text (wikitext2 or a .txt/.jsonl file)")
+    p.add_argument("--data-dir", default=str(DATA) if DATA.is_dir() else None,
+                   help="WikiText-2 directory (default ../shared/data when it exists)")
     p.add_argument("--modes", nargs="*", default=["stream", "no-stream"], choices=["stream", "no-stream"])
     p.add_argument("--baseline", default=None, help="another lrinfer checkout to run as 'before' (PYTHONPATH)")
     p.add_argument("--eval", action="store_true", help="also the dense and compressed perplexity (4 windows)")
@@ -132,7 +135,7 @@ def main(argv=None) -> None:
             cmd = [sys.executable, "-m", "lrinfer.cli", "compress", "--model", str(src), "--method", args.method,
                    "--ratio", args.ratio, "--samples", str(args.samples), "--calib-seq-len", str(args.calib_seq_len),
                    "--device", args.device, "--out", str(out), "--overwrite", "--no-progress"]
-            cmd += ["--data-dir", str(DATA)] if DATA.is_dir() else []
+            cmd += ["--calib", args.calib] + (["--data-dir", args.data_dir] if args.data_dir else [])
             cmd += ["--windows", "4"] if args.eval else ["--no-eval"]
             cmd += ["--no-stream"] if mode == "no-stream" else []
             run_env = {**env, "PYTHONPATH": pythonpath} if pythonpath else env
