@@ -167,11 +167,11 @@ def _solve_bytes(needs: frozenset, method: str, i: int, o: int) -> int:
     """Float64 workspace of one linear's solve, W [o, i] (solvers/linalg.py, from the code's allocations)."""
     small = min(i, o)
     if "gram_hat" in needs:          # SAES: M's factor, Δ, S, D, their projections, the eigenproblem
-        return (3 * i * i + 7 * i * o + 3 * small * small) * 8
+        return (2 * i * i + 7 * i * o + 3 * small * small) * 8
     if method == "ressvd":           # the whitener's L and L⁻¹, an SVD and the residual
         return (4 * i * i + 4 * i * o + 3 * small * small) * 8
-    if "gram" in needs:              # SVD-LLM: G + δI, L, W, W·L, the smaller Gram and its eigenvectors
-        return (2 * i * i + 2 * i * o + 3 * small * small) * 8
+    if "gram" in needs:              # SVD-LLM: L (G + δI factored in place), W, W·L, the smaller Gram, eigenvectors
+        return (i * i + 2 * i * o + 3 * small * small) * 8
     if "fisher" in needs:
         return (4 * i * o + 3 * small * small) * 8
     return (2 * i * o + 3 * small * small) * 8

@@ -43,7 +43,7 @@ def test_refusal_names_what_would_fit():
         p.check()
     msg = str(e.value)
     assert "\n" not in msg and "on cuda but 40.00 GiB is available" in msg
-    assert "streams on the host (--streams host)" in msg and "--samples 64" in msg
+    assert "streams on the host (--streams host)" in msg and "--samples 128" in msg
 
 
 def test_compress_refuses_before_loading_weights(tmp_path, capsys):

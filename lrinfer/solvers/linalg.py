@@ -85,7 +85,7 @@ def factor_gram(G: torch.Tensor, damp: float = 1e-6, name: str = "") -> Whitenin
     L = Q Λ^{1/2}, which is noted. Either L gives ‖A L‖_F² = tr(A (G+δI) Aᵀ).
     A Cholesky that succeeds only thanks to δ (pivots ≤ 100δ: rank-deficient G) is noted too, and a
     zero G (no calibration energy at all) gives L = I (plain SVD), noted (`note_fallback`).
-    Memory: G, G + δI and L (no identity matrix, no inverse).
+    Memory: G and one more [in, in] buffer (G + δI, factored in place; no identity matrix, no inverse).
     """
     if not torch.isfinite(G).all():
         raise ValueError(f"{name}: Gram matrix holds NaN/Inf; the calibration activations overflowed "
@@ -101,7 +101,11 @@ def factor_gram(G: torch.Tensor, damp: float = 1e-6, name: str = "") -> Whitenin
     scale = G.diagonal().mean().clamp_min(1e-30)
     shifted = G.clone()
     shifted.diagonal().add_(damp * scale)
-    L, info = torch.linalg.cholesky_ex(shifted)
+    try:        # in place: G + δI becomes L (one [in, in] buffer, 6 GiB at 70B's MLP width)
+        L, info = torch.linalg.cholesky_ex(shifted, out=(shifted, torch.empty((), dtype=torch.int32,
+                                                                              device=G.device)))
+    except RuntimeError:
+        L, info = torch.linalg.cholesky_ex(shifted)
     del shifted
     pivots = L.diagonal()
     if int(info) == 0 and torch.isfinite(L).all() and float(pivots.min()) > 1e-150:
