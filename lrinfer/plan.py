@@ -8,10 +8,12 @@ H hidden, I MLP width, `in_max` the widest linear input):
   outside      embeddings, final norm and head, loaded once (tied embeddings once)
   streams      the activation streams: the dense and compressed inputs of the current block plus the
                dense outputs being built, 3 × N·T·H·D (2 × while the two streams still agree)
-  statistics   one stage's float64 sums: (number of statistics the solver needs) × in_max² × 8
-               (q/k/v and gate/up share theirs); FWSVD adds a float32 Fisher of every linear
-  solve        one linear's solve in float64: W, W·L, the ridge-shifted Gram and its factor, the
-               eigenproblem (see solvers/linalg.py), at the widest linear
+  statistics   float64 sums, (number the solver needs) × in² × 8 per distinct input (q/k/v and gate/up
+               share theirs): all four inputs of a block at once for one-pass solvers (SVD-LLM),
+               the largest stage for sequential ones (SAES); FWSVD adds a float32 Fisher of every linear
+  solve        one linear's float64 solve at its largest (solvers/linalg.py): SVD-LLM in² + 2·in·out
+               + 3·min(in, out)² (L factored in place, W, W·L, the smaller Gram and its eigenvectors);
+               SAES 2·in² + 7·in·out + 3·min²
   activations  one batch through the block (MLP and attention temporaries, the hooked inputs, the
                float64 chunks that feed the statistics)
   factors      the finished block's factors while it is written, (1 − ratio) × block
@@ -20,7 +22,8 @@ H hidden, I MLP width, `in_max` the widest linear input):
   loading      streaming: one block read from the shards; the whole model: the loader's copy, 1 × the weights
 
 Device peak = outside + block + factors + streams (when on the device) + statistics + max(solve,
-activations). Host peak = runtime + loading + streams (when on the host); on a CPU-only run the device
+activations), or, when perplexity runs, the larger of that and its logits (3 × B·T·vocab·4). Host peak =
+runtime + loading + streams (when on the host); on a CPU-only run the device
 is the host, and the two add up. Measured on the CPU (bench/results/compress_memory_cpu.json): streamed,
 the plan is 1.19-1.23 × the peak RSS (it counts embeddings and head that a CPU run maps from the shards
 and never fully touches); the whole model in memory, 0.8-1.05 ×. Without streaming the whole model
