@@ -334,7 +334,8 @@ def cmd_compress(args) -> dict:
               and "fisher" not in get_solver(config.method).needs)
     eval_kw = {} if args.no_eval else {"eval_windows": args.windows or 64, "eval_seq_len": args.seq_len,
                                        "eval_batch_size": args.eval_batch_size}
-    plan = compress_plan(args.model, config, device, dtype, stream, args.streams, **eval_kw)   # before weights load
+    plan = compress_plan(args.model, config, device, _compute_dtype(dtype, device), stream, args.streams,
+                         **eval_kw)   # before any weight is read
     if plan is not None:
         _print_plan(plan, args)
         plan.check()
