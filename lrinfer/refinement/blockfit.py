@@ -29,8 +29,10 @@ from . import register_refiner
 
 def _relative_error(block, inputs, targets, calls) -> float:
     num = den = 0.0
+    device = next(block.parameters()).device   # streams may live on the host (--streams host)
     with torch.no_grad():
         for x, y, c in zip(inputs, targets, calls):
+            x, y = x.to(device), y.to(device)
             out = block(x, *c.args, **c.kwargs)
             out = out[0] if isinstance(out, (tuple, list)) else out
             num += float((out.double() - y.double()).pow(2).sum())
@@ -71,9 +73,9 @@ def refine_block(block, modules, inputs, targets, calls, *, steps: int = 16, lr:
                 for g in opt.param_groups:
                     g["lr"] = lr * 0.5 * (1 + math.cos(math.pi * step / steps))
                 c = calls[b]
-                out = block(inputs[b].float(), *c.args, **c.kwargs)
+                out = block(inputs[b].to(params[0].device, torch.float32), *c.args, **c.kwargs)
                 out = out[0] if isinstance(out, (tuple, list)) else out
-                loss = (out - targets[b].float()).pow(2).mean() / scale
+                loss = (out - targets[b].to(params[0].device, torch.float32)).pow(2).mean() / scale
                 opt.zero_grad(set_to_none=True)
                 loss.backward()
                 opt.step()
