@@ -311,11 +311,8 @@ def streamed_perplexity(model: nn.Module, windows: torch.Tensor, batch_size: int
     windows [w, T]; `streamer` defaults to the model's own (the dense source); pass one over a written
     checkpoint's files to evaluate the compressed model. Returns {"ppl", "nll", "tokens", "windows", "seq_len"}.
     """
-    import math
-
-    import torch.nn.functional as F
-
     from .calibration import capture_inputs, run_block
+    from .evaluate import next_token_nll, perplexity_result
     streamer = streamer or streamer_of(model)
     blocks = streamer.blocks
     streams = capture_inputs(model, blocks, windows, batch_size, streamer.device)
@@ -327,13 +324,9 @@ def streamed_perplexity(model: nn.Module, windows: torch.Tensor, batch_size: int
     total_nll, total_tokens = 0.0, 0
     for ids, h in zip(windows.split(batch_size), hidden):
         ids = ids.to(streamer.device)
-        logits = _head_logits(model, blocks, ids, h)[:, :-1].float()
-        nll = F.cross_entropy(logits.reshape(-1, logits.shape[-1]), ids[:, 1:].reshape(-1), reduction="sum")
-        total_nll += float(nll)
-        total_tokens += ids[:, 1:].numel()
-    mean = total_nll / total_tokens
-    return {"ppl": math.exp(mean) if mean < 700 else float("inf"), "nll": mean, "tokens": total_tokens,
-            "windows": int(windows.shape[0]), "seq_len": int(windows.shape[1])}
+        nll, n = next_token_nll(_head_logits(model, blocks, ids, h), ids)
+        total_nll, total_tokens = total_nll + nll, total_tokens + n
+    return perplexity_result(total_nll, total_tokens, windows)
 
 
 def _head_logits(model: nn.Module, blocks: nn.ModuleList, ids: torch.Tensor, final: torch.Tensor) -> torch.Tensor:
