@@ -158,6 +158,24 @@ def save_checkpoint(model: nn.Module, tokenizer, out: str | os.PathLike, quantiz
     {name: [rank, rank2]}. Returns the directory."""
     from safetensors.torch import save_file
 
+    tensors, aliases = _unique_state_dict(model)
+    if dtype is not None:
+        tensors = {k: v.to(dtype) if v.is_floating_point() else v for k, v in tensors.items()}
+    meta = {k: (tuple(v.shape), v.dtype) for k, v in tensors.items()}
+    return write_checkpoint_dir(
+        model, tokenizer, out, quantization_config, base_model, meta, aliases,
+        lambda path: save_file({k: v.cpu() for k, v in tensors.items()}, str(path), metadata={"format": "pt"}),
+        extra_files, overwrite, dtype)
+
+
+def write_checkpoint_dir(model: nn.Module, tokenizer, out: str | os.PathLike, quantization_config: dict,
+                         base_model: str, tensors: dict[str, tuple], aliases: dict[str, str],
+                         write_weights, extra_files: dict[str, bytes] | None = None, overwrite: bool = False,
+                         dtype: torch.dtype | None = None) -> Path:
+    """Everything of a checkpoint directory around its weights, written beside `out` and renamed into
+    place: `write_weights(path)` writes the safetensors file, whose tensors are `tensors` {name: (shape,
+    dtype)} (+ `aliases` {name: name it shares}); then config.json (architectures, dtype,
+    quantization_config), the tokenizer, `extra_files`, and the manifest with every file's sha256."""
     out = Path(out)
     _prepare_out_dir(out, base_model, overwrite)
     out.parent.mkdir(parents=True, exist_ok=True)
@@ -165,10 +183,7 @@ def save_checkpoint(model: nn.Module, tokenizer, out: str | os.PathLike, quantiz
     shutil.rmtree(tmp, ignore_errors=True)
     tmp.mkdir()
     try:
-        tensors, aliases = _unique_state_dict(model)
-        if dtype is not None:
-            tensors = {k: v.to(dtype) if v.is_floating_point() else v for k, v in tensors.items()}
-        save_file({k: v.cpu() for k, v in tensors.items()}, str(tmp / WEIGHTS), metadata={"format": "pt"})
+        write_weights(tmp / WEIGHTS)
         qc = {"quant_method": QUANT_METHOD, "format_version": FORMAT_VERSION, **quantization_config}
         config = model.config.to_dict()
         if not config.get("architectures"):   # None for models loaded from GGUF; vLLM and others key on it
@@ -190,8 +205,8 @@ def save_checkpoint(model: nn.Module, tokenizer, out: str | os.PathLike, quantiz
         manifest = {
             "format": QUANT_METHOD, "format_version": FORMAT_VERSION, "base_model": base_model,
             "method": qc.get("method"), "ratio": qc.get("ratio"), "ranks": qc.get("ranks", {}),
-            "tensors": {k: {"shape": list(v.shape), "dtype": str(v.dtype).removeprefix("torch.")}
-                        for k, v in tensors.items()},
+            "tensors": {k: {"shape": list(shape), "dtype": str(d).removeprefix("torch.")}
+                        for k, (shape, d) in tensors.items()},
             "aliases": aliases, "files": files,
         }
         atomic_write_bytes(tmp / MANIFEST, json.dumps(manifest, indent=2, sort_keys=True).encode())

@@ -388,14 +388,10 @@ def save_streamed_checkpoint(model: nn.Module, tokenizer, out: str | os.PathLike
     factors come from the work directory `factor_dir` (block_NNNN.safetensors), every other block tensor
     from the source files, and the tensors outside the blocks from memory. Floating tensors are written
     in `dtype` (default: as they are)."""
-    from .checkpoint import (FORMAT_VERSION, MANIFEST, QUANT_METHOD, WEIGHTS, _fsync_dir, _prepare_out_dir,
-                             atomic_write_bytes, sha256_file)
+    from .checkpoint import write_checkpoint_dir
     streamer = streamer_of(model)
     if streamer is None:
         raise LrinferError("save_streamed_checkpoint needs a model built by load_streamed")
-    out = Path(out)
-    _prepare_out_dir(out, base_model, overwrite)
-    out.parent.mkdir(parents=True, exist_ok=True)
     factor_files = SafetensorsFiles(sorted(Path(factor_dir).glob("block_*.safetensors")))
 
     state = model.state_dict(keep_vars=True)
@@ -416,45 +412,9 @@ def save_streamed_checkpoint(model: nn.Module, tokenizer, out: str | os.PathLike
         src = factor_files if name in factor_files else streamer.files
         return src.read([name])[name]
 
-    tmp = out.parent / f".{out.name}.tmp-{os.getpid()}"
-    shutil.rmtree(tmp, ignore_errors=True)
-    tmp.mkdir()
-    try:
-        write_safetensors(tmp / WEIGHTS, entries, fetch, {"format": "pt"})
-        qc = {"quant_method": QUANT_METHOD, "format_version": FORMAT_VERSION, **quantization_config}
-        config = model.config.to_dict()
-        if not config.get("architectures"):
-            config["architectures"] = [type(model).__name__]
-        if dtype is not None:
-            config["dtype"] = str(dtype).removeprefix("torch.")
-        config["quantization_config"] = qc
-        (tmp / "config.json").write_text(json.dumps(config, indent=2, sort_keys=True, default=str))
-        if tokenizer is not None:
-            tokenizer.save_pretrained(str(tmp))
-        files = {}
-        for p in sorted(tmp.iterdir()):
-            if p.is_file():
-                with open(p, "rb") as f:
-                    os.fsync(f.fileno())
-                files[p.name] = {"sha256": sha256_file(p), "bytes": p.stat().st_size}
-        manifest = {
-            "format": QUANT_METHOD, "format_version": FORMAT_VERSION, "base_model": base_model,
-            "method": qc.get("method"), "ratio": qc.get("ratio"), "ranks": qc.get("ranks", {}),
-            "tensors": {k: {"shape": list(s), "dtype": str(d).removeprefix("torch.")} for k, d, s in entries},
-            "aliases": aliases, "files": files,
-        }
-        atomic_write_bytes(tmp / MANIFEST, json.dumps(manifest, indent=2, sort_keys=True).encode())
-        _fsync_dir(tmp)
-        old = out.parent / f".{out.name}.old-{os.getpid()}"
-        if out.exists():
-            os.replace(out, old)
-        os.replace(tmp, out)
-        _fsync_dir(out.parent)
-        shutil.rmtree(old, ignore_errors=True)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
-    return out
+    return write_checkpoint_dir(
+        model, tokenizer, out, quantization_config, base_model, {k: (s, d) for k, d, s in entries}, aliases,
+        lambda path: write_safetensors(path, entries, fetch, {"format": "pt"}), overwrite=overwrite, dtype=dtype)
 
 
 def checkpoint_streamer(model: nn.Module, checkpoint_dir: str | os.PathLike) -> BlockStreamer:
