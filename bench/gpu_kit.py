@@ -35,6 +35,7 @@ stage 5 trains one on the GPU (bench/train_student.py's recipe, seconds there).
 from __future__ import annotations
 
 import argparse
+import contextlib
 import copy
 import json
 import math
@@ -306,10 +307,29 @@ def stage_sweep(kit: Kit, prev) -> dict:
     return _finish(kit, rec, complete, t0)
 
 
+@contextlib.contextmanager
+def kernel_table(table: Path | None):
+    """Make the op read its kernel configs from `table` (None: as it is) inside the block."""
+    from lrinfer.kernels import configs
+    old = os.environ.get("LRINFER_KERNEL_CONFIG")
+    if table is not None:
+        os.environ["LRINFER_KERNEL_CONFIG"] = str(table)
+    configs.load_gpu_table.cache_clear()
+    configs.get_config.cache_clear()
+    try:
+        yield
+    finally:
+        if old is None:
+            os.environ.pop("LRINFER_KERNEL_CONFIG", None)
+        else:
+            os.environ["LRINFER_KERNEL_CONFIG"] = old
+        configs.load_gpu_table.cache_clear()
+        configs.get_config.cache_clear()
+
+
 def stage_tune(kit: Kit, prev) -> dict:
     import bench_kernels as bk
     import tune_kernels as tk
-    from lrinfer.kernels import configs
 
     t0 = time.perf_counter()
     rec = _start(kit, 3, prev)
@@ -335,19 +355,8 @@ def stage_tune(kit: Kit, prev) -> dict:
     rec["tuned_table"] = table.name
     if not res.get("complete"):
         return _finish(kit, rec, False, t0)
-    old = os.environ.get("LRINFER_KERNEL_CONFIG")
-    os.environ["LRINFER_KERNEL_CONFIG"] = str(table)
-    configs.load_gpu_table.cache_clear()
-    configs.get_config.cache_clear()
-    try:
+    with kernel_table(table):
         complete = _run_sweep(kit, rec, _sweep_plan(kit, tag="tuned"))
-    finally:
-        if old is None:
-            os.environ.pop("LRINFER_KERNEL_CONFIG", None)
-        else:
-            os.environ["LRINFER_KERNEL_CONFIG"] = old
-        configs.load_gpu_table.cache_clear()
-        configs.get_config.cache_clear()
     rec["install"] = (f"mkdir -p lrinfer/kernels/configs && cp {os.path.relpath(table, ROOT)} "
                       f"lrinfer/kernels/configs/{gpu_slug()}.json  # the op reads it from there on this GPU")
     return _finish(kit, rec, complete, t0)
@@ -358,7 +367,6 @@ def stage_tune(kit: Kit, prev) -> dict:
 
 def stage_e2e(kit: Kit, prev) -> dict:
     import decoder
-    from lrinfer.kernels import configs
 
     t0 = time.perf_counter()
     rec = _start(kit, 4, prev)
@@ -372,17 +380,12 @@ def stage_e2e(kit: Kit, prev) -> dict:
     rec["config"] = decoder.config_dict(cfg)
     rec.update(prompt_len=prompt, new_tokens=new, batches=batches, dtype=str(dtype))
     table = kit.tuned_table() if kit.cuda else None
-    old = os.environ.get("LRINFER_KERNEL_CONFIG")
-    if table is not None and table.is_file():
-        os.environ["LRINFER_KERNEL_CONFIG"] = str(table)
-        rec["config_table"] = table.name
-    else:
-        rec["config_table"] = "built-in defaults (stage 3 not done)" if kit.cuda else "CPU: torch path"
-    configs.load_gpu_table.cache_clear()
-    configs.get_config.cache_clear()
+    use = table is not None and table.is_file()
+    rec["config_table"] = table.name if use else ("built-in defaults (stage 3 not done)" if kit.cuda
+                                                  else "CPU: torch path")
     rows = rec.setdefault("rows", [])
     complete = True
-    try:
+    with kernel_table(table if use else None):
         for red in reds:
             if any(r["reduction"] == red for r in rows):
                 continue
@@ -405,13 +408,6 @@ def stage_e2e(kit: Kit, prev) -> dict:
             if kit.cuda:
                 torch.cuda.empty_cache()
             kit.save(rec, "incomplete", "in progress")
-    finally:
-        if old is None:
-            os.environ.pop("LRINFER_KERNEL_CONFIG", None)
-        else:
-            os.environ["LRINFER_KERNEL_CONFIG"] = old
-        configs.load_gpu_table.cache_clear()
-        configs.get_config.cache_clear()
     dense = {r["batch"]: r for r in rows if r["reduction"] == 0}
     for r in rows:
         d = dense.get(r["batch"])

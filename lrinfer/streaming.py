@@ -18,7 +18,6 @@ from __future__ import annotations
 import json
 import logging
 import os
-import shutil
 import struct
 from pathlib import Path
 from typing import Callable, Iterable
