@@ -121,10 +121,22 @@ def test_screening_keeps_the_best_proxies_and_shares_them(make_tiny, tmp_path, m
     best_proxy = min(screen, key=lambda t: t["heldout_ppl"])["label"].removesuffix(" / 4 samples")
     assert {t["label"].split(" / blockfit")[0] for t in full} == {best_proxy}
     assert res.best.label == min(full, key=lambda t: t["heldout_ppl"])["label"]
+    assert all("refinement" not in t for t in screen)
     runs.clear()   # resumed: nothing runs again, the same choice
     again = lrinfer.search_recipes(dense, base, calib, held, cands, work_dir=tmp_path, resume=True, progress=False,
                                    screening=recipe_mod.Screening(samples=4, keep=1))
     assert runs == [] and again.best == res.best
+
+
+def test_a_refined_trial_reports_its_refinement(make_tiny):
+    dense = make_tiny(layers=2)
+    g = torch.Generator().manual_seed(3)
+    calib, held = torch.randint(0, 128, (8, 32), generator=g), torch.randint(0, 128, (2, 32), generator=g)
+    res = lrinfer.search_recipes(dense, lrinfer.CompressConfig(ratio=0.3, batch_size=4), calib, held,
+                                 [Recipe.parse("svdllm~blockfit:steps=4,lr=0.003")], progress=False, screening=None)
+    (t,) = res.trials
+    r = t["refinement"]   # mean block output error before -> after, and what refining cost
+    assert r["blocks"] == 2 and r["error_after"] < r["error_before"] and 0 < r["seconds"] <= t["seconds"]
 
 
 def test_recipe_spec_parses_every_stage():

@@ -65,3 +65,44 @@ def test_refinement_in_recipes_and_errors():
                       ("svdllm~blockfit:lrate=1", "no option")]:
         with pytest.raises(lrinfer.LrinferError, match=says):
             Recipe.parse(bad).config(lrinfer.CompressConfig(ratio=0.2))
+
+
+def test_micro_batches_slice_the_block_call_consistently():
+    """A piece of `batch` sequences (hidden states, per-sequence mask) gives the block's output on
+    those sequences: the same rows as the whole batch's output."""
+    from lrinfer.calibration import BlockCall, capture_inputs
+    from lrinfer.refinement.blockfit import _micro_batches
+    model = tiny_llama(layers=1).double()
+    blocks = model.model.layers
+    streams = capture_inputs(model, blocks, _ids(n=4, t=16), batch_size=4, device=torch.device("cpu"))
+    x, call = streams.dense[0], streams.calls[0][0]
+    keep = torch.ones(4, 16, dtype=torch.bool)
+    keep[1, :5] = keep[3, :2] = False                      # left padding on two sequences
+    mask = torch.zeros(4, 1, 16, 16, dtype=torch.float64)
+    mask.masked_fill_(~(keep[:, None, None, :] & torch.ones(16, 16, dtype=torch.bool).tril()), float("-inf"))
+    mask[:, :, torch.arange(16), torch.arange(16)] = 0.0   # no fully masked row
+    call = BlockCall(call.args, {**call.kwargs, "attention_mask": mask})
+    with torch.no_grad():
+        whole = blocks[0](x, *call.args, **call.kwargs)
+        whole = whole[0] if isinstance(whole, tuple) else whole
+        pieces = _micro_batches([x], [whole], [call], size=1)
+        assert len(pieces) == 4
+        for i, piece in enumerate(pieces):
+            xs, ys, c = piece()
+            out = blocks[0](xs, *c.args, **c.kwargs)
+            out = out[0] if isinstance(out, tuple) else out
+            torch.testing.assert_close(out, whole[i:i + 1], rtol=1e-12, atol=1e-12)
+            assert torch.equal(ys, whole[i:i + 1])
+        assert len(_micro_batches([x], [whole], [call], size=0)) == 1
+        assert len(_micro_batches([x], [whole], [call], size=3)) == 2   # 3 + 1
+
+
+def test_blockfit_micro_batches_lower_the_error():
+    model = tiny_llama(layers=2)
+    cfg = Recipe.parse("svdllm~blockfit:steps=16,lr=0.003,batch=1").config(
+        lrinfer.CompressConfig(ratio=0.4, rank_multiple=1, batch_size=4))
+    res = lrinfer.compress(model, cfg, _ids(), progress=False)
+    assert all(r["error_after"] < r["error_before"] for r in res.refinement.values())
+    with pytest.raises(lrinfer.LrinferError, match="batch"):
+        lrinfer.compress(tiny_llama(layers=1), Recipe.parse("svdllm~blockfit:batch=-1").config(
+            lrinfer.CompressConfig(ratio=0.4)), _ids(), progress=False)
