@@ -101,8 +101,8 @@ def main(argv=None) -> None:
     ap.add_argument("--stem", default="recipes_smollm2")
     ap.add_argument("--compress-threads", type=int, default=1)
     ap.add_argument("--full", action="store_true", help="compress every candidate in full (no screening round)")
-    ap.add_argument("--screen-samples", type=int, default=8)
-    ap.add_argument("--screen-keep", type=int, default=2)
+    ap.add_argument("--screen-samples", type=int, default=Screening.samples)
+    ap.add_argument("--screen-keep", type=int, default=Screening.keep)
     ap.add_argument("--reference", default=None, metavar="RECIPE",
                     help="instead of searching, time one compression with this recipe (e.g. saes) on the same "
                          "calibration rows, the unit of the search's cost; it may run beside the search, as costs "

@@ -13,13 +13,13 @@ from .factors import FactorPair, rank_for_ratio
 from .models import compressible_linears, load_model
 from .nn import LowRankLinear, patch, unpatch
 from . import hf  # noqa: E402,F401  (registers quant_method "lrinfer" with transformers)
-from .recipe import Recipe, apply_result, default_candidates
+from .recipe import Recipe, Screening, apply_result, default_candidates
 from .recipe import search as search_recipes
 
 __all__ = [
     "CheckpointError", "CompressConfig", "CompressionResult", "FactorPair", "LowRankLinear", "LrinferError",
     "calibration_batch", "compress", "compressible_linears", "eval_windows", "load_checkpoint", "load_model",
     "patch", "perplexity", "rank_for_ratio", "resolve_data_dir", "save_checkpoint", "unpatch",
-    "Recipe", "apply_result", "default_candidates", "search_recipes",
+    "Recipe", "Screening", "apply_result", "default_candidates", "search_recipes",
 ]
 __version__ = "0.1.0"

@@ -46,11 +46,11 @@ def test_cli_auto_records_choice_and_reloads(model_dir, tmp_path, capsys):
     n = len(lrinfer.default_candidates(0.2))
     screen = [t for t in search["trials"] if t["round"] == "screen"]
     full = [t for t in search["trials"] if t["round"] == "full"]
-    assert len(screen) == n and len(full) == 2 and "held-apart calibration" in search["criterion"]
+    assert len(screen) == n and len(full) == 1 and "held-apart calibration" in search["criterion"]
     assert "screened first on 4 calibration samples" in search["criterion"]
-    # the two best proxies went on to the full round, and the full round alone decided
-    assert {t["label"].removesuffix(" / 4 samples") for t in sorted(screen, key=lambda t: t["heldout_ppl"])[:2]} \
-        == {t["label"].removesuffix(" / blockfit") for t in full}   # finalists refined, proxies not
+    # the best proxy went on to the full round (refined; proxies are not), which decided
+    assert min(screen, key=lambda t: t["heldout_ppl"])["label"].removesuffix(" / 4 samples") \
+        == full[0]["label"].removesuffix(" / blockfit")
     best = min(full, key=lambda t: t["heldout_ppl"])
     assert search["chosen_label"] == best["label"] and report["method"] == best["recipe"]["method"]
     qc = json.loads((out / "config.json").read_text())["quantization_config"]
@@ -136,7 +136,7 @@ def test_a_refined_trial_reports_its_refinement(make_tiny):
                                  [Recipe.parse("svdllm~blockfit:steps=4,lr=0.003")], progress=False, screening=None)
     (t,) = res.trials
     r = t["refinement"]   # mean block output error before -> after, and what refining cost
-    assert r["blocks"] == 2 and r["error_after"] < r["error_before"] and 0 < r["seconds"] <= t["seconds"]
+    assert r["blocks"] == 2 and r["error_after"] < r["error_before"] and 0 < r["seconds"] <= t["seconds"] + 0.05
 
 
 def test_recipe_spec_parses_every_stage():
@@ -170,7 +170,8 @@ def test_search_resumes_by_recipe_and_slices_calibration(make_tiny, tmp_path, mo
     calib, held = torch.randint(0, 128, (8, 32), generator=g), torch.randint(0, 128, (2, 32), generator=g)
     base = lrinfer.CompressConfig(ratio=0.3, batch_size=4)
     a, b, c = Recipe("svd"), Recipe("svdllm"), Recipe("svdllm", samples=3)
-    first = lrinfer.search_recipes(dense, base, calib, held, [a, b], work_dir=tmp_path, progress=False)
+    first = lrinfer.search_recipes(dense, base, calib, held, [a, b], work_dir=tmp_path, progress=False,
+                                   screening=None)
     rows = []
     real = recipe_mod.compress
     monkeypatch.setattr(recipe_mod, "compress", lambda m, cfg, ids, *x, **k: rows.append(ids.shape[0]) or
@@ -201,8 +202,11 @@ def test_cli_auto_takes_candidates(model_dir, tmp_path, capsys):
     assert "--method auto" in capsys.readouterr().err
     assert main(common + ["--method", "auto", "--candidates", "svdllm%2", "saes:beta_max=0.5@last:k=2"]) == 0
     search = json.loads((out / "report.json").read_text())["recipe_search"]
-    assert [t["label"] for t in search["trials"]] == ["svdllm / all / uniform / 2 samples",
-                                                      "saes(beta_max=0.5) / last(k=2) / uniform"]
+    screen = [t["label"] for t in search["trials"] if t["round"] == "screen"]   # more candidates than kept
+    assert screen == ["svdllm / all / uniform / 2 samples", "saes(beta_max=0.5) / last(k=2) / uniform / 4 samples"]
+    (full,) = [t for t in search["trials"] if t["round"] == "full"]
+    assert full["label"] == search["chosen_label"] in ("svdllm / all / uniform / 2 samples",
+                                                       "saes(beta_max=0.5) / last(k=2) / uniform")
     qc = json.loads((out / "config.json").read_text())["quantization_config"]
     assert qc["recipe_search"]["chosen"] == search["chosen_label"]
     assert qc["config"]["n_samples"] == (2 if search["chosen_label"].startswith("svdllm") else 4)
