@@ -24,6 +24,7 @@ from .errors import LrinferError
 from .evaluate import perplexity
 from .factors import flatten_factors, unflatten_factors
 from .nn import LowRankLinear, replace_module
+from .refinement import summarize as summarize_refinement
 from .registry import parse_value
 from .resume import save_tensors
 
@@ -267,9 +268,11 @@ def _round(dense, base, calib_ids, heldout_ids, candidates: list[Recipe], work: 
                            "heldout_ppl": float("inf"), "error": str(e)})
             continue
         ppl = perplexity(model, heldout_ids, progress=progress)["ppl"]
-        trials.append({"label": cand.label, "recipe": cand.to_dict(), "round": name, "heldout_ppl": ppl,
-                       "hidden_error": result.hidden_error[-1], "seconds": round(time.perf_counter() - t0, 1),
-                       **_refinement_summary(result)})
+        trial = {"label": cand.label, "recipe": cand.to_dict(), "round": name, "heldout_ppl": ppl,
+                 "hidden_error": result.hidden_error[-1], "seconds": round(time.perf_counter() - t0, 1)}
+        if refined := summarize_refinement(result.refinement.values()):   # what refining did, and cost
+            trial["refinement"] = {k: round(v, 5) for k, v in refined.items()}
+        trials.append(trial)
         if work:   # factors first, then the record that points at them
             save_tensors(flatten_factors(result.factors), work / f"{cand.slug}.safetensors")
             atomic_write_bytes(trials_file, json.dumps(trials, indent=2).encode())
@@ -278,17 +281,6 @@ def _round(dense, base, calib_ids, heldout_ids, candidates: list[Recipe], work: 
         del model
     top = min(trials, key=lambda t: t["heldout_ppl"]) if trials else None
     return trials, (best[2] if best and top and best[1].label == top["label"] else None)
-
-
-def _refinement_summary(result: CompressionResult) -> dict:
-    """The refiner's reports over this run's blocks: mean output error before/after, seconds spent."""
-    reps = [r for r in result.refinement.values() if "error_before" in r]
-    if not reps:
-        return {}
-    mean = lambda key: round(sum(r[key] for r in reps) / len(reps), 5)  # noqa: E731
-    return {"refinement": {"blocks": len(reps), "error_before": mean("error_before"),
-                           "error_after": mean("error_after"),
-                           "seconds": round(sum(r.get("seconds", 0.0) for r in reps), 3)}}
 
 
 def _reload(dense, base, path: Path) -> CompressionResult:

@@ -9,6 +9,7 @@ import torch
 from . import __version__
 from .allocation import achieved_ratio
 from .compress import CompressConfig, CompressionResult
+from .refinement import summarize as summarize_refinement
 
 
 FALLBACKS = {   # kind (see `solvers.linalg.fallback`) -> what it means, for the summary line
@@ -86,14 +87,10 @@ def format_summary(report: dict) -> str:
         f"{'n/a' if final is None else f'{final:.4f}'}; "
         f"{report['compress_seconds']:.0f} s",
     ]
-    refined = report.get("refinement", {}).get("per_block", {})
-    if refined:
-        n = len(refined)
-        before = sum(r["error_before"] for r in refined.values()) / n
-        after = sum(r["error_after"] for r in refined.values()) / n
-        secs = sum(r["seconds"] for r in refined.values())
-        lines.append(f"refinement ({report['refinement']['method']}): block output error {before:.4f} -> "
-                     f"{after:.4f} (mean over {n} blocks); {secs:.0f} s")
+    if refined := summarize_refinement(report.get("refinement", {}).get("per_block", {}).values()):
+        lines.append(f"refinement ({report['refinement']['method']}): block output error "
+                     f"{refined['error_before']:.4f} -> {refined['error_after']:.4f} (mean over "
+                     f"{refined['blocks']} blocks); {refined['seconds']:.0f} s")
     if "recipe_search" in report:
         lines.append(f"recipe search ({report['recipe_search']['criterion']}):")
         for t in sorted(report["recipe_search"]["trials"], key=lambda t: t["heldout_ppl"]):
