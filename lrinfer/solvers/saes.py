@@ -65,13 +65,14 @@ def retained_energy(G: torch.Tensor, rank: int) -> float:
 def aces_beta(S: torch.Tensor, D: torch.Tensor, rank: int, beta_min: float = 0.25, beta_max: float = 0.75
               ) -> float:
     """FS-FOA choice of β in [beta_min, beta_max] minimising the approximate tail ratio ρ̃²(β)."""
-    U, _, V = singular_pairs(S, rank)
-    def perp(A):   # P_L A P_R
-        A = A - U @ (U.t() @ A)
-        return A - (A @ V) @ V.t()
-    Sp, Dp = perp(S), perp(D)
-    a, b, c = float(Sp.pow(2).sum()), float((Sp * Dp).sum()), float(Dp.pow(2).sum())
+    U, s, V = singular_pairs(S, rank)
     A, B, C = float(S.pow(2).sum()), float((S * D).sum()), float(D.pow(2).sum())
+    # With P_L = I − U Uᵀ, P_R = I − V Vᵀ (U, V: S's top singular vectors), S_p = P_L S P_R = S − U Σ Vᵀ and
+    # D_p = P_L D P_R; their norms and inner product from Uᵀ D and D V alone (2 products, not 8):
+    UtD, DV = U.t() @ D, D @ V
+    a = max(A - float(s.pow(2).sum()), 0.0)                           # ‖S_p‖²
+    b = B - float((s * (UtD * V.t()).sum(1)).sum())                   # ⟨S_p, D_p⟩ = ⟨S_p, D⟩
+    c = max(C - float(UtD.pow(2).sum()) - float(DV.pow(2).sum()) + float((UtD @ V).pow(2).sum()), 0.0)
 
     def rho2(x):
         return (a + 2 * b * x + c * x * x) / max(A + 2 * B * x + C * x * x, 1e-300)

@@ -123,6 +123,31 @@ def test_aces_interior_optimum_matches_grid_search():
     assert aces_beta(S, D, r, 0.6, 0.75) == pytest.approx(0.6)
 
 
+def _aces_by_projection(S, D, r, lo, hi):
+    """ACES's β with P_L S P_R, P_L D P_R formed explicitly (float64 SVD), on a fine grid."""
+    U, _, Vh = torch.linalg.svd(S)
+    PL = torch.eye(S.shape[0], dtype=S.dtype) - U[:, :r] @ U[:, :r].t()
+    PR = torch.eye(S.shape[1], dtype=S.dtype) - Vh[:r].t() @ Vh[:r]
+    Sp, Dp = PL @ S @ PR, PL @ D @ PR
+    grid = torch.linspace(lo, hi, 20001, dtype=torch.float64)
+    rho2 = torch.stack([(Sp + b * Dp).pow(2).sum() / (S + b * D).pow(2).sum() for b in grid])
+    return float(grid[rho2.argmin()])
+
+
+@pytest.mark.parametrize("shape", [(24, 40), (40, 24)])
+def test_aces_beta_matches_explicit_projections(shape):
+    """The closed-form tail terms (from Uᵀ D and D V only) choose the β that explicit projections do."""
+    for seed in range(3):
+        g = torch.Generator().manual_seed(seed)
+        S = torch.randn(*shape, generator=g, dtype=torch.float64) @ torch.diag(
+            torch.logspace(0, -2, shape[1], dtype=torch.float64))
+        U, sv, Vh = torch.linalg.svd(S, full_matrices=False)
+        tail = U[:, 8:] @ torch.diag(sv[8:]) @ Vh[8:]
+        noise = torch.randn(*shape, generator=g, dtype=torch.float64)   # D undoes S's tail, adds its own
+        D = -tail + noise * (1.5 * tail.pow(2).sum() / noise.pow(2).sum()).sqrt()
+        assert aces_beta(S, D, 8, 0.0, 0.99) == pytest.approx(_aces_by_projection(S, D, 8, 0.0, 0.99), abs=1e-3)
+
+
 @pytest.mark.parametrize("seed", [0, 1, 2])
 def test_aces_on_real_statistics_near_grid_optimum(seed):
     X, Xh = _streams(seed=seed, noise=1.0)
