@@ -45,20 +45,20 @@ def write(results: dict, stem: str) -> None:
                   f"Calibration: {r['calibration']}; criterion: {r['criterion']}  ",
                   f"Test: {r['eval']}; host: {r['host']}; dense test PPL "
                   f"{r.get('dense_test_ppl', float('nan')):.2f}", "",
-                  "| round | recipe | held-out PPL (criterion) | test PPL | compress s | chosen |", "|---|---|---|---|---|---|"]
+                  "| round | recipe | held-out PPL (criterion) | test PPL | s (compress + criterion) | chosen |", "|---|---|---|---|---|---|"]
         for t in r["trials"]:
             chosen = t['label'] == r['chosen_label'] and t.get("round") != "screen"
-            lines.append(f"| {t.get('round', 'full')} | {t['label']} | {t['heldout_ppl']:.2f} | "
-                         f"{t.get('test_ppl', float('nan')):.2f} | {t.get('seconds', 0):.0f} | "
-                         f"{'**yes**' if chosen else ''} |")
+            test = f"{t['test_ppl']:.2f}" if "test_ppl" in t else ""
+            lines.append(f"| {t.get('round', 'full')} | {t['label']} | {t['heldout_ppl']:.2f} | {test} | "
+                         f"{t.get('seconds', 0):.0f} | {'**yes**' if chosen else ''} |")
         if "seconds" in r:
             lines.append(f"\nSearch wall time: {r['seconds']:.0f} s")
         if "reference" in r and "cpu_seconds" in r:
             ref = r["reference"]
             lines.append(f"One `{ref['recipe']}` compression on the same rows (`{ref['command']}`): "
                          f"{ref['cpu_seconds']:.0f} CPU s; the search: {r['cpu_seconds']:.0f} CPU s = "
-                         f"{r['cpu_seconds'] / ref['cpu_seconds']:.2f} × (one thread each; CPU time, as the "
-                         "machine was shared)")
+                         f"{r['cpu_seconds'] / ref['cpu_seconds']:.2f} × (process CPU time of each, run with the "
+                         "same --compress-threads, as the machine was shared)")
         for task, v in r.get("tasks", {}).items():
             lines.append(f"\nChosen recipe, {task}: acc {v['acc']:.4f} ± {v['acc_stderr']:.4f}, "
                          f"acc_norm {v['acc_norm']:.4f} ± {v['acc_norm_stderr']:.4f} (n = {v['n']})")
