@@ -51,6 +51,11 @@ def write(results: dict, stem: str) -> None:
             test = f"{t['test_ppl']:.2f}" if "test_ppl" in t else ""
             lines.append(f"| {t.get('round', 'full')} | {t['label']} | {t['heldout_ppl']:.2f} | {test} | "
                          f"{t.get('seconds', 0):.0f} | {'**yes**' if chosen else ''} |")
+        for run in r.get("earlier_runs", []):   # trials of earlier commands kept beside this one
+            t = run["trial"]
+            lines.append(f"| {t.get('round', 'full')} | {t['label']} | {t['heldout_ppl']:.2f} | "
+                         f"{t.get('test_ppl', float('nan')):.2f} | {t.get('seconds', 0):.0f} | (earlier run: "
+                         f"`{run['command']}`) |")
         if "seconds" in r:
             lines.append(f"\nSearch wall time: {r['seconds']:.0f} s")
         if "reference" in r and "cpu_seconds" in r:
