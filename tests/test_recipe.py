@@ -210,3 +210,22 @@ def test_cli_auto_takes_candidates(model_dir, tmp_path, capsys):
     qc = json.loads((out / "config.json").read_text())["quantization_config"]
     assert qc["recipe_search"]["chosen"] == search["chosen_label"]
     assert qc["config"]["n_samples"] == (2 if search["chosen_label"].startswith("svdllm") else 4)
+
+
+def test_cli_screen_sets_the_screening_round(model_dir, tmp_path, capsys):
+    common = ["compress", "--model", str(model_dir / "model"), "--ratio", "0.2", "--calib",
+              str(model_dir / "text.txt"), "--samples", "4", "--calib-seq-len", "32", "--heldout", "2",
+              "--batch-size", "4", "--no-eval", "--no-progress"]
+    cands = ["--candidates", "svd", "svdllm", "svdllm@last:k=1"]
+    for bad, says in [(["--screen", "2", "1"], "add --method auto"),
+                      (["--method", "auto", "--screen", "0", "1"], "SAMPLES and KEEP must be >= 1")]:
+        assert main(common + ["--out", str(tmp_path / "bad")] + cands + bad) == 2
+        assert says in capsys.readouterr().err
+        assert not (tmp_path / "bad").exists()           # refused before any work
+    for screen, n_screen, n_full in [(["2", "2"], 3, 2), (["0", "0"], 0, 3)]:
+        out = tmp_path / f"s{screen[0]}"
+        assert main(common + ["--out", str(out), "--method", "auto", "--screen", *screen] + cands) == 0
+        trials = json.loads((out / "report.json").read_text())["recipe_search"]["trials"]
+        assert [t["round"] for t in trials].count("screen") == n_screen
+        assert [t["round"] for t in trials].count("full") == n_full
+        assert all(t["label"].endswith("/ 2 samples") for t in trials if t["round"] == "screen")
