@@ -31,17 +31,16 @@ forces the tiny version on a GPU too). Stage 5 needs WikiText-2 and, ideally, th
 neither is in the repository: `--prepare` copies them into out/gpu-kit-carry/ (ignored by git, about
 25 MB), to pass to the device tool as carry=["out/gpu-kit-carry"]. Without a carried student,
 stage 5 trains one on the GPU (bench/train_student.py's recipe, seconds there).
+
+Files: this one (stages 1-4, the runner, the command line), kit_core.py (the Kit: folder, deadline,
+a stage record's start/resume/finish), kit_compress.py (stage 5 and --prepare), kit_report.py
+(targets, summary, export).
 """
 from __future__ import annotations
 
 import argparse
 import contextlib
-import copy
-import json
-import math
 import os
-import platform
-import shutil
 import subprocess
 import sys
 import time
@@ -49,130 +48,18 @@ import xml.etree.ElementTree as ET
 from collections import Counter
 from pathlib import Path
 
-ROOT = Path(__file__).resolve().parents[1]
-BENCH = Path(__file__).resolve().parent
-for _p in (str(ROOT), str(BENCH)):
-    if _p not in sys.path:
-        sys.path.insert(0, _p)
+if str(Path(__file__).resolve().parent) not in sys.path:   # the kit's modules beside it (kit_core adds the root)
+    sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 import torch  # noqa: E402
 
+from kit_core import ROOT, Kit, _finish, _log, _start, env_meta, gpu_slug  # noqa: E402
+from kit_compress import prepare, stage_compress  # noqa: E402
 from kit_report import NO_CUDA, STAGES, evaluate_targets, export, write_json, write_summary  # noqa: E402,F401
 
-CARRY = ROOT / "out" / "gpu-kit-carry"
 HEADLINE_MS = (1, 4, 16, 64, 512, 8192)
 REDUCTIONS = (0.2, 0.4, 0.6)
 COMPILE_SUBSET = {"shapes": [(4096, 4096), (4096, 11008)], "reduction": 0.4, "M": (1, 16, 8192)}
-STUDENT = {"steps": 500, "calib": (32, 256), "eval": (64, 256), "ratio": 0.2, "method": "svdllm"}
-STUDENT_TINY = {"steps": 2, "calib": (4, 64), "eval": (4, 64), "ratio": 0.2, "method": "svdllm",
-                "chars": 60_000, "vocab": 300, "batch": 2, "seq_len": 64,
-                "model_kw": dict(hidden=32, intermediate=64, layers=1, heads=2, kv_heads=1)}
-LLAMA_CALIB = (32, 2048)
-
-
-# ----------------------------------------------------------------------------- files
-
-
-def _log(msg: str) -> None:
-    print(msg, flush=True)
-
-
-def env_meta() -> dict:
-    meta = {"python": platform.python_version(), "torch": torch.__version__, "cuda": torch.cuda.is_available(),
-            "host": platform.node(), "time": time.strftime("%Y-%m-%dT%H:%M:%S")}
-    try:
-        import transformers
-
-        meta["transformers"] = transformers.__version__
-    except ImportError:
-        meta["transformers"] = None
-    try:
-        import triton
-
-        meta["triton"] = triton.__version__
-        from lrinfer.kernels import fused_decode
-
-        meta["launch"] = fused_decode.launch_features()
-    except ImportError:
-        meta["triton"] = None
-    if torch.cuda.is_available():
-        p = torch.cuda.get_device_properties(0)
-        meta.update(gpu=torch.cuda.get_device_name(0), capability=list(torch.cuda.get_device_capability(0)),
-                    sms=p.multi_processor_count, gpu_memory_GiB=round(p.total_memory / 2**30, 1))
-    return meta
-
-
-def gpu_slug() -> str:
-    from lrinfer.kernels.configs import gpu_slug as slug
-
-    return slug(torch.cuda.get_device_name(0)) if torch.cuda.is_available() else "cpu"
-
-
-class Kit:
-    """Where a run writes, whether it is a dry run, and its deadline."""
-
-    def __init__(self, out: Path, dry: bool, budget_s: float, force: bool = False, llama_layers: int = 4,
-                 student: str | None = None, log=_log, export_dir: str | None = None):
-        self.out, self.dry, self.force, self.log = Path(out), dry, force, log
-        self.export_dir = Path(export_dir) if export_dir else None
-        self.cuda = torch.cuda.is_available()
-        self.device = "cuda" if self.cuda else "cpu"
-        self.deadline = time.monotonic() + budget_s
-        self.llama_layers = llama_layers
-        self.student = student
-        self.out.mkdir(parents=True, exist_ok=True)
-
-    def path(self, n: int) -> Path:
-        return self.out / f"stage{n}_{STAGES[n][0]}.json"
-
-    def load(self, n: int) -> dict | None:
-        p = self.path(n)
-        return json.loads(p.read_text()) if p.is_file() else None
-
-    def left(self) -> float:
-        return self.deadline - time.monotonic()
-
-    def expired(self) -> bool:
-        return self.left() <= 0
-
-    def tuned_table(self) -> Path:
-        return self.out / f"tuned-{gpu_slug()}.json"
-
-    def save(self, rec: dict, status: str | None = None, reason: str | None = None) -> None:
-        """Write the stage's JSON (as `status` while in progress) and refresh the export, so that a
-        command killed at the device tool's limit still returns everything measured so far."""
-        data = rec if status is None else {**rec, "status": status, "reason": reason}
-        write_json(self.path(rec["stage"]), data)
-        if self.export_dir is not None:
-            export(self.out, self.export_dir)
-
-
-def _start(kit: Kit, n: int, prev: dict | None) -> dict:
-    name, title = STAGES[n]
-    rec = {"stage": n, "name": name, "title": title, "status": "running", "dry_run": kit.dry,
-           "device": kit.device, "env": env_meta()}
-    if not kit.cuda:
-        rec["gpu_measurements"] = NO_CUDA
-    if prev and prev.get("status") in ("incomplete", "running", "failed") and prev.get("dry_run") == kit.dry:
-        for k, v in prev.items():  # resume: keep the rows measured so far
-            if k not in rec and k not in ("reason", "traceback", "started"):
-                rec[k] = v
-        rec["resumed"] = rec.get("resumed", 0) + 1
-    rec["started"] = time.strftime("%Y-%m-%dT%H:%M:%S")
-    return rec
-
-
-def _finish(kit: Kit, rec: dict, complete: bool, t0: float, reason: str | None = None) -> dict:
-    rec["seconds"] = round(rec.get("seconds", 0) * (rec.get("resumed", 0) > 0) + time.perf_counter() - t0, 1)
-    if not complete:
-        rec["status"] = "incomplete"
-        rec["reason"] = reason or f"the --budget-s deadline came first: run stage {rec['stage']} again to continue"
-    elif rec.get("status") == "running":
-        rec["status"] = "dry-run" if kit.dry else "done"
-        if kit.dry:
-            rec.setdefault("reason", "tiny plumbing run" + ("" if kit.cuda else f"; GPU measurements {NO_CUDA}"))
-    kit.save(rec)
-    return rec
 
 
 # ----------------------------------------------------------------------------- stage 1: tests
@@ -421,201 +308,7 @@ def stage_e2e(kit: Kit, prev) -> dict:
     return _finish(kit, rec, complete, t0)
 
 
-# ----------------------------------------------------------------------------- stage 5: compression
-
-
-def find_data_dir() -> Path | None:
-    import lrinfer
-
-    try:
-        d = lrinfer.resolve_data_dir()
-    except Exception:
-        d = None
-    if d is not None and (d / "wikitext-2" / "valid.txt").is_file():
-        return d
-    carried = CARRY / "data"
-    return carried if (carried / "wikitext-2" / "valid.txt").is_file() else None
-
-
-def _student_source(kit: Kit, data_dir: Path, spec: dict):
-    """(model, tokenizer, how) from --student, the carried copy, or trained here."""
-    from transformers import AutoModelForCausalLM, AutoTokenizer
-
-    for cand in ([Path(kit.student)] if kit.student else []) + [CARRY / "student", ROOT / "out" / "qwen2-student"]:
-        if (cand / "config.json").is_file() and not kit.dry:
-            model = AutoModelForCausalLM.from_pretrained(cand, dtype=torch.float32).eval()
-            return model, AutoTokenizer.from_pretrained(cand), f"loaded from {cand}"
-    import train_student
-    from lrinfer.data import load_text
-
-    text, _ = load_text("wikitext2", "calib", data_dir)
-    if kit.dry:
-        model, tok, rec = train_student.train(text[:spec["chars"]], spec["steps"], spec["batch"], spec["seq_len"],
-                                              spec["vocab"], device=kit.device, model_kw=spec["model_kw"],
-                                              progress=lambda m: None)
-    else:
-        model, tok, rec = train_student.train(text, spec["steps"], device=kit.device, progress=kit.log)
-    return model, tok, f"trained here on {kit.device} ({spec['steps']} steps, {rec['seconds']} s)"
-
-
-def student_ppl(model, tok, data_dir: Path, spec: dict, device: str) -> dict:
-    """Dense and compressed (spec method/ratio) perplexity of a copy of `model` on `device`."""
-    import lrinfer
-
-    windows, desc = lrinfer.eval_windows(tok, "wikitext2", spec["eval"][1], spec["eval"][0], data_dir)
-    calib, _ = lrinfer.calibration_batch(tok, "wikitext2", spec["calib"][0], spec["calib"][1], data_dir=data_dir)
-    m = copy.deepcopy(model).to(device)
-    t = time.perf_counter()
-    dense = lrinfer.perplexity(m, windows, progress=False)["ppl"]
-    cfg = lrinfer.CompressConfig(method=spec["method"], ratio=spec["ratio"], n_samples=spec["calib"][0],
-                                 seq_len=spec["calib"][1])
-    lrinfer.compress(m, cfg, calib, progress=False)
-    comp = lrinfer.perplexity(m, windows, progress=False)["ppl"]
-    return {"device": device, "ppl_dense": dense, "ppl_compressed": comp, "seconds": time.perf_counter() - t,
-            "eval": desc, "windows": list(windows.shape), "calib": list(calib.shape)}
-
-
-def _rel(a, b):
-    return abs(a / b - 1) if a and b and math.isfinite(a) and math.isfinite(b) else None
-
-
-def stage_compress(kit: Kit, prev) -> dict:
-    import lrinfer
-
-    t0 = time.perf_counter()
-    rec = _start(kit, 5, prev)
-    spec = STUDENT_TINY if kit.dry else STUDENT
-    complete = True
-
-    # (a) the student: CPU vs GPU perplexity, dense and compressed
-    if "student" not in rec:
-        data_dir = find_data_dir()
-        if data_dir is None:
-            rec["student"] = {"status": "skipped", "reason": "no WikiText-2 data here: run `python bench/gpu_kit.py "
-                              "--prepare` where ../shared/data exists and pass carry=['out/gpu-kit-carry']"}
-        else:
-            st = {"data_dir": str(data_dir), "spec": {k: v for k, v in spec.items() if k != "model_kw"}}
-            model, tok, st["source"] = _student_source(kit, data_dir, spec)
-            st["cpu"] = student_ppl(model, tok, data_dir, spec, "cpu")
-            if kit.cuda:
-                st["gpu"] = student_ppl(model, tok, data_dir, spec, "cuda")
-                st["rel_diff_dense"] = _rel(st["gpu"]["ppl_dense"], st["cpu"]["ppl_dense"])
-                st["rel_diff_compressed"] = _rel(st["gpu"]["ppl_compressed"], st["cpu"]["ppl_compressed"])
-                ok = [st["rel_diff_dense"], st["rel_diff_compressed"]]
-                st["within_1pct"] = all(d is not None and d <= 0.01 for d in ok)
-            else:
-                st["gpu"] = NO_CUDA
-            ref = CARRY / "student_cpu_ref.json"
-            if ref.is_file() and "loaded from" in st["source"] and str(CARRY) in st["source"]:
-                r = json.loads(ref.read_text())
-                st["dev_machine_cpu"] = r
-                st["rel_diff_vs_dev_machine_cpu"] = {
-                    k: _rel(st["cpu"][k], r.get(k)) for k in ("ppl_dense", "ppl_compressed")}
-            st["status"] = "done"
-            rec["student"] = st
-            kit.log(f"student: {st['source']}; CPU PPL {st['cpu']['ppl_dense']:.3f} / {st['cpu']['ppl_compressed']:.3f}"
-                    + (f"; GPU {st['gpu']['ppl_dense']:.3f} / {st['gpu']['ppl_compressed']:.3f}" if kit.cuda else ""))
-        kit.save(rec, "incomplete", "in progress")
-
-    # (b) Llama-2-7B-shaped random model, svdllm 20%, 32×2048 calibration tokens
-    if "llama" not in rec:
-        if kit.expired():
-            complete = False
-        else:
-            rec["llama"] = llama_compress(kit, lrinfer)
-    return _finish(kit, rec, complete, t0)
-
-
-def llama_compress(kit: Kit, lrinfer) -> dict:
-    from transformers import LlamaConfig, LlamaForCausalLM
-
-    if kit.dry:
-        cfg = LlamaConfig(hidden_size=64, intermediate_size=160, num_hidden_layers=2, num_attention_heads=4,
-                          num_key_value_heads=4, vocab_size=256, max_position_embeddings=256)
-        n, T, dtype = 4, 32, torch.float32
-    else:
-        cfg = LlamaConfig(hidden_size=4096, intermediate_size=11008, num_hidden_layers=kit.llama_layers,
-                          num_attention_heads=32, num_key_value_heads=32, vocab_size=32000,
-                          max_position_embeddings=4096)
-        (n, T), dtype = LLAMA_CALIB, torch.bfloat16
-    dev = torch.device(kit.device)
-    torch.manual_seed(0)
-    with dev:
-        model = LlamaForCausalLM(cfg).to(dtype).eval()
-    calib = torch.randint(0, cfg.vocab_size, (n, T), generator=torch.Generator().manual_seed(0))
-    block_bytes = sum(p.numel() * p.element_size() for p in model.model.layers[0].parameters())
-    out = {"layers": cfg.num_hidden_layers, "calib": [n, T], "dtype": str(dtype), "method": "svdllm", "ratio": 0.2,
-           "weights_GiB": sum(p.numel() * p.element_size() for p in model.parameters()) / 2**30,
-           "block_GiB": block_bytes / 2**30}
-    if kit.cuda:
-        torch.cuda.synchronize()
-        torch.cuda.reset_peak_memory_stats()
-    t = time.perf_counter()
-    res = lrinfer.compress(model, lrinfer.CompressConfig(method="svdllm", ratio=0.2, n_samples=n, seq_len=T),
-                           calib, progress=False)
-    if kit.cuda:
-        torch.cuda.synchronize()
-    out["wall_s"] = time.perf_counter() - t
-    out["hidden_error_last"] = res.hidden_error[-1] if res.hidden_error else None
-    out["seconds_per_block"] = out["wall_s"] / cfg.num_hidden_layers
-    if kit.cuda:
-        out["peak_GiB"] = torch.cuda.max_memory_allocated() / 2**30
-        if cfg.num_hidden_layers < 32:
-            extra = 32 - cfg.num_hidden_layers
-            out["estimate_32_layers"] = {
-                "wall_s": out["wall_s"] + extra * out["seconds_per_block"],
-                "peak_GiB_upper": out["peak_GiB"] + extra * out["block_GiB"],
-                "how": f"measured on {cfg.num_hidden_layers} of Llama-2-7B's 32 layers: time scales per block; "
-                       "peak + the dense weights of the missing blocks (an upper bound)"}
-    else:
-        out["peak_GiB"] = NO_CUDA
-    kit.log(f"llama-shaped ({cfg.num_hidden_layers} layers) svdllm 20%: {out['wall_s']:.1f} s"
-            + (f", peak {out['peak_GiB']:.2f} GiB" if kit.cuda else ""))
-    del model
-    if kit.cuda:
-        torch.cuda.empty_cache()
-    return out
-
-
 RUNNERS = {1: stage_tests, 2: stage_sweep, 3: stage_tune, 4: stage_e2e, 5: stage_compress}
-
-
-# ----------------------------------------------------------------------------- prepare (CPU side)
-
-
-def prepare(student: str | None, log=_log) -> dict:
-    """out/gpu-kit-carry/: WikiText-2 (valid + test), and the student with its CPU reference if one exists."""
-    import lrinfer
-
-    src = lrinfer.resolve_data_dir()
-    if src is None or not (src / "wikitext-2" / "valid.txt").is_file():
-        raise SystemExit("gpu_kit --prepare: no ../shared/data (or $LRINFER_DATA_DIR) with wikitext-2 here")
-    for rel in ("wikitext-2/valid.txt", "wikitext-2-raw/wiki.test.raw"):
-        dst = CARRY / "data" / rel
-        dst.parent.mkdir(parents=True, exist_ok=True)
-        shutil.copy(src / rel, dst)
-    info = {"data": str(CARRY / "data")}
-    cand = Path(student) if student else ROOT / "out" / "qwen2-student"
-    if (cand / "config.json").is_file():
-        from transformers import AutoModelForCausalLM, AutoTokenizer
-
-        dst = CARRY / "student"
-        if dst.resolve() != cand.resolve():
-            shutil.rmtree(dst, ignore_errors=True)
-            shutil.copytree(cand, dst)
-        model = AutoModelForCausalLM.from_pretrained(dst, dtype=torch.float32).eval()
-        ref = student_ppl(model, AutoTokenizer.from_pretrained(dst), CARRY / "data", STUDENT, "cpu")
-        ref.update(host=platform.node(), torch=torch.__version__, source=str(cand))
-        write_json(CARRY / "student_cpu_ref.json", ref)
-        info["student"] = str(dst)
-        info["cpu_ref"] = ref
-    else:
-        info["student"] = f"none at {cand}: stage 5 will train one on the GPU"
-    size = sum(p.stat().st_size for p in CARRY.rglob("*") if p.is_file())
-    info["MiB"] = round(size / 2**20, 1)
-    log(json.dumps(info, indent=1))
-    log(f"carry with the device tool: carry=['out/gpu-kit-carry'] ({info['MiB']} MiB of the 64 MiB)")
-    return info
 
 
 # ----------------------------------------------------------------------------- main
