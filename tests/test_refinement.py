@@ -88,7 +88,7 @@ def test_micro_batches_slice_the_block_call_consistently():
         pieces = _micro_batches([x], [whole], [call], size=1)
         assert len(pieces) == 4
         for i, piece in enumerate(pieces):
-            xs, ys, c = piece()
+            xs, ys, c = piece
             out = blocks[0](xs, *c.args, **c.kwargs)
             out = out[0] if isinstance(out, tuple) else out
             torch.testing.assert_close(out, whole[i:i + 1], rtol=1e-12, atol=1e-12)

@@ -28,7 +28,7 @@ import time
 
 import torch
 
-from ..calibration import BlockCall
+from ..calibration import BlockCall, _first_tensor
 from ..errors import LrinferError
 from . import register_refiner
 
@@ -39,15 +39,14 @@ def _relative_error(block, inputs, targets, calls) -> float:
     with torch.no_grad():
         for x, y, c in zip(inputs, targets, calls):
             x, y = x.to(device), y.to(device)
-            out = block(x, *c.args, **c.kwargs)
-            out = out[0] if isinstance(out, (tuple, list)) else out
+            out = _first_tensor(block(x, *c.args, **c.kwargs))
             num += float((out.double() - y.double()).pow(2).sum())
             den += float(y.double().pow(2).sum())
     return (num / max(den, 1e-300)) ** 0.5
 
 
-def _micro_batches(inputs, targets, calls, size: int) -> list:
-    """One thunk per training piece: whole calibration batches (size 0), or slices of `size`
+def _micro_batches(inputs, targets, calls, size: int) -> list[tuple]:
+    """(x, y, call) per training piece: whole calibration batches (size 0), or slices (views) of `size`
     sequences. A slice cuts the hidden states and every call tensor whose first dimension is the
     batch's (masks, per-sequence positions); tensors shared by the batch (leading 1) pass whole."""
     def cut(v, n, sl):
@@ -61,12 +60,12 @@ def _micro_batches(inputs, targets, calls, size: int) -> list:
     for x, y, c in zip(inputs, targets, calls):
         n = x.shape[0]
         if size == 0 or size >= n:
-            pieces.append(lambda x=x, y=y, c=c: (x, y, c))
+            pieces.append((x, y, c))
             continue
         for lo in range(0, n, size):
             sl = slice(lo, lo + size)
-            pieces.append(lambda x=x, y=y, c=c, n=n, sl=sl: (
-                x[sl], y[sl], BlockCall(cut(c.args, n, sl), {k: cut(v, n, sl) for k, v in c.kwargs.items()})))
+            call = BlockCall(cut(c.args, n, sl), {k: cut(v, n, sl) for k, v in c.kwargs.items()})
+            pieces.append((x[sl], y[sl], call))
     return pieces
 
 
@@ -104,9 +103,8 @@ def refine_block(block, modules, inputs, targets, calls, *, steps: int = 64, lr:
             for step, k in enumerate(order[:steps].tolist()):
                 for g in opt.param_groups:
                     g["lr"] = lr * 0.5 * (1 + math.cos(math.pi * step / steps))
-                x, y, c = pieces[k]()
-                out = block(x.to(params[0].device, torch.float32), *c.args, **c.kwargs)
-                out = out[0] if isinstance(out, (tuple, list)) else out
+                x, y, c = pieces[k]
+                out = _first_tensor(block(x.to(params[0].device, torch.float32), *c.args, **c.kwargs))
                 loss = (out - y.to(params[0].device, torch.float32)).pow(2).mean() / scale
                 opt.zero_grad(set_to_none=True)
                 loss.backward()
