@@ -1,4 +1,4 @@
-"""Small models for tests, importable from any test module (`from _tiny import tiny_llama`)."""
+"""Small models for tests, importable from any test module (`from ._tiny import tiny_llama`)."""
 import importlib.util
 
 import torch

@@ -2,7 +2,7 @@ from pathlib import Path
 
 import pytest
 import torch
-from _tiny import have_smollm2, save_tiny_hf_dir, tiny_llama
+from ._tiny import have_smollm2, save_tiny_hf_dir, tiny_llama
 
 DATA_DIR = Path(__file__).resolve().parents[1].parent / "shared" / "data"
 

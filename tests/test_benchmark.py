@@ -94,7 +94,7 @@ def test_runner_decodes_greedily(make_tiny):
 
 
 def test_errors(ckpt, tmp_path, capsys, make_tiny):
-    from _tiny import tiny_checkpoint
+    from ._tiny import tiny_checkpoint
     _, lost, _ = tiny_checkpoint(tmp_path / "lost")   # its manifest names base model 'tiny'
     cases = [
         (["bench", str(lost)], "cannot load its dense base model 'tiny'"),

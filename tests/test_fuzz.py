@@ -20,7 +20,7 @@ from hypothesis import HealthCheck, event, given, settings
 from hypothesis import strategies as st
 
 import lrinfer
-from _tiny import tiny_llama
+from ._tiny import tiny_llama
 from lrinfer.checkpoint import MANIFEST, WEIGHTS, sha256_file
 from lrinfer.kernels import lowrank_linear, lowrank_linear_reference
 

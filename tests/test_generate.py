@@ -76,7 +76,7 @@ def test_sampling_is_seeded(ckpt, capsys):
 
 
 def test_checkpoint_without_tokenizer(tmp_path, capsys):
-    from _tiny import tiny_checkpoint
+    from ._tiny import tiny_checkpoint
     _, path, _ = tiny_checkpoint(tmp_path / "ck")
     code, _, err = _run(capsys, path, "hi")
     assert code == 2 and "no tokenizer" in err and err.count("\n") == 1

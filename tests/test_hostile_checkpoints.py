@@ -15,7 +15,7 @@ import torch
 from safetensors.torch import load_file, save_file
 
 import lrinfer
-from _tiny import tiny_checkpoint
+from ._tiny import tiny_checkpoint
 from lrinfer.checkpoint import MANIFEST, WEIGHTS, sha256_file
 
 FACTOR = "model.layers.0.self_attn.q_proj"     # a compressed linear of the tiny model ([64, 64])

@@ -3,7 +3,7 @@ import pytest
 import torch
 
 import lrinfer
-from _tiny import tiny_llama
+from ._tiny import tiny_llama
 from lrinfer.recipe import Recipe
 
 

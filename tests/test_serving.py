@@ -166,7 +166,7 @@ def test_grouped_op_refuses_mismatched_operands():
 
 def test_checkpoint_config_names_the_architecture(tmp_path):
     """A model built from a config (or loaded from GGUF) has architectures = None; the checkpoint names it."""
-    from _tiny import tiny_checkpoint
+    from ._tiny import tiny_checkpoint
     import json
     model, path, _ = tiny_checkpoint(tmp_path / "ck")
     assert model.config.architectures is None
@@ -190,7 +190,7 @@ def test_serve_builds_the_vllm_command(tmp_path, monkeypatch, capsys):
     import json
     import sys
 
-    from _tiny import tiny_checkpoint
+    from ._tiny import tiny_checkpoint
     from lrinfer.cli import main
     _, path, _ = tiny_checkpoint(tmp_path / "ck")
     _fake_vllm(monkeypatch)
@@ -210,7 +210,7 @@ def test_serve_builds_the_vllm_command(tmp_path, monkeypatch, capsys):
 def test_serve_errors_name_the_fix(tmp_path, monkeypatch, capsys):
     import importlib.util
 
-    from _tiny import tiny_checkpoint
+    from ._tiny import tiny_checkpoint
     from lrinfer.cli import main
     _, path, _ = tiny_checkpoint(tmp_path / "ck")
     if importlib.util.find_spec("vllm") is None:

@@ -8,7 +8,7 @@ import sys
 
 import pytest
 import torch
-from _tiny import tiny_llama
+from ._tiny import tiny_checkpoint, tiny_llama
 from safetensors.torch import load_file
 
 import lrinfer
@@ -93,7 +93,7 @@ def test_what_streams(model_dir, tmp_path, calib_ids):
     (tmp_path / "bin" / "config.json").write_text((model_dir / "config.json").read_text())
     (tmp_path / "bin" / "pytorch_model.bin").write_bytes(b"not read")
     assert streamable_dir(model_dir) and not streamable_dir(tmp_path / "bin")
-    _, ck, _ = __import__("_tiny").tiny_checkpoint(tmp_path / "ck")
+    _, ck, _ = tiny_checkpoint(tmp_path / "ck")
     assert not streamable_dir(ck)                                    # an lrinfer checkpoint loads whole
     with pytest.raises(lrinfer.LrinferError, match="cannot stream"):
         lrinfer.compress(load_streamed(model_dir), lrinfer.CompressConfig(method="fwsvd"), calib_ids,

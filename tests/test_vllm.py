@@ -13,8 +13,8 @@ import json
 import subprocess
 
 import pytest
-import _vllm
-from _tiny import have_smollm2
+from . import _vllm
+from ._tiny import have_smollm2
 
 pytestmark = pytest.mark.slow
 

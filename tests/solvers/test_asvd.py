@@ -4,7 +4,7 @@ import torch
 from lrinfer.errors import LrinferError
 from lrinfer.solvers import get_solver, truncated_svd
 
-from _data import inputs, stats_from, weight
+from ._data import inputs, stats_from, weight
 
 asvd = get_solver("asvd")
 

@@ -3,7 +3,7 @@ answers: same Ŵ in float64, on tall, wide and square weights, rank-deficient an
 and ranks 1 .. min(in, out). The old algorithms are written out here as the references."""
 import pytest
 import torch
-from _data import inputs, stats_from, weight
+from ._data import inputs, stats_from, weight
 
 from lrinfer.calibration import LinearStats
 from lrinfer.solvers import get_solver

@@ -5,7 +5,7 @@ from lrinfer.calibration import LinearStats
 from lrinfer.errors import LrinferError
 from lrinfer.solvers import get_solver, truncated_svd
 
-from _data import weight
+from ._data import weight
 
 fwsvd = get_solver("fwsvd")
 

@@ -9,7 +9,7 @@ from lrinfer.solvers import get_solver
 from lrinfer.solvers.ressvd import residual_rank
 from lrinfer.solvers.svdllm import whitened_truncation
 
-from _data import inputs, stats_from, weight
+from ._data import inputs, stats_from, weight
 
 ressvd = get_solver("ressvd")
 

@@ -6,7 +6,7 @@ from lrinfer.solvers import get_solver
 from lrinfer.solvers.saes import aces_beta, cealc_targets, retained_energy
 from lrinfer.solvers.svdllm import whitened_truncation
 
-from _data import inputs, stats_from, weight
+from ._data import inputs, stats_from, weight
 
 saes = get_solver("saes")
 
