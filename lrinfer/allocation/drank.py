@@ -15,7 +15,7 @@ For each selected linear f (W [out, in], w_f = in + out parameters per unit of r
    rounding loss first) while the total stays within Σ_t P_t; if the floors alone exceed it, ranks
    are lowered (the ±1 budget repair of the paper's code when multiple = 1).
 
-Choices where the paper/code is ambiguous (METHODS.md §3):
+Choices where the paper (arXiv 2509.25622) and its official code are ambiguous:
 * Group size 1 (one matrix per group, no Basis-Sharing cross-layer bases), as D-Rank does for
   GQA models (LLaMA-3); our factor format has no shared bases.
 * k_max = ⌊in·out/(in+out)⌋, the break-even rank, not min(in, out): beyond it a factor pair holds

@@ -16,7 +16,7 @@ def select_last(linears, ratio: float, *, k: int | None = None, cap: float = 0.6
     k=None: the smallest k whose R_l ≤ `cap` (all blocks if even k = N exceeds it, then R_l = ratio).
     The paper searches k by calibration error (Alg. 3, criterion unpublished); this rule is ours:
     cap = 0.6 keeps every compressed block at ≥ 40 % of its parameters, well inside the
-    feasibility limit R_l < 1 − β (the residual rank must fit, METHODS.md §1.3).
+    feasibility limit R_l < 1 − β (the residual rank of ResSVD, lrinfer/solvers/ressvd.py, must fit).
     """
     check_ratio(ratio)
     if not 0.0 < cap < 1.0:

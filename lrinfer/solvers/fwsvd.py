@@ -8,7 +8,7 @@ per-row importance and the SVD is taken in the importance-weighted space:
 which minimises ‖diag(d)(W − Ŵ)‖_F (a rank-r weighted problem with one diagonal weight has
 this closed form).
 
-Orientation (METHODS.md §6): the FWSVD paper weights the *rows* of its weight matrix; in the
+Orientation: the FWSVD paper weights the *rows* of its weight matrix; in the
 re-implementation we read, rows are the dimension summed over per importance, which for an
 `nn.Linear` weight [out, in] we take to be the **output rows** (`axis="out"`, default). The
 alternative `axis="in"` weights input columns (sum over outputs), which is ASVD's "fisher" scaling

@@ -1,6 +1,6 @@
 """ResSVD / ERC-SVD (arXiv 2505.20112): residual compensation (REC) and partial-layer compression (PLC).
 
-REC, per weight W [m=out, n=in] with total rank r (METHODS.md §1.2):
+REC, per weight W [m=out, n=in] with total rank r (the paper; docs/methods.md):
 
     α = mn/(m+n),  r2 = round(β·α) (β = 0.05),  r1 = r − r2  (r2 clamped so that r1 ≥ 1)
     W1 = Trunc_A(W, r1),  R = W − W1,  W2 = Trunc_B(R, r2),  Ŵ = W1 + W2
@@ -16,12 +16,12 @@ parameters as one rank-r pair). Trunc is either SVD-LLM's whitened truncation [�
 * ``plain_then_whiten``: stage 1 plain, stage 2 whitened.
 
 Why ``whiten_then_plain`` is the default: with one metric in both stages REC *is* a single
-rank-r truncation (METHODS.md §1.4), so the only reading in which REC can change anything is a
+rank-r truncation (Eckart–Young, as `same_metric` shows), so the only reading in which REC can change anything is a
 metric mismatch between the stages. The paper whitens with calibration data (SVD-LLM style) and
 describes the residual step as plain "SVDTrunc(R)"; whitening the main stage and compensating
 in weight space is the most literal reading. It is slightly worse than SVD-LLM on the whitened
 objective (Eckart–Young) but keeps weight-space energy that whitening drops. No public source
-settles this (METHODS.md §9.1).
+settles this (the paper has no public code).
 
 PLC is the layer selection ``"last"`` (lrinfer/selection/last.py), this solver's default selection.
 """
