@@ -66,7 +66,7 @@ def build_parser() -> argparse.ArgumentParser:
                    help=f"solver (default {d['method']}); auto: search recipes on held-apart calibration text")
     c.add_argument("--candidates", nargs="+", metavar="RECIPE", default=None,
                    help="--method auto: recipes to try instead of the default set, as "
-                        "solver[:k=v,..][+allocation[:k=v,..]][@selection[:k=v,..]][%%samples], "
+                        "solver[:k=v,..][+allocation[:k=v,..]][@selection[:k=v,..]][~refinement[:k=v,..]][%%samples], "
                         "e.g. saes@last:cap=0.3 saes:beta_max=0.9+drank svdllm%%16")
     c.add_argument("--heldout", type=int, default=8,
                    help="--method auto: held-apart calibration windows that score each recipe (default 8)")

@@ -1,4 +1,4 @@
-"""Recipes: layer selection × rank allocation × solver, and a search that picks one on calibration text only.
+"""Recipes: layer selection × rank allocation × solver × refinement, and a search that picks one on calibration text only.
 
 A recipe is a partial `CompressConfig`. `search` compresses a fresh copy of the dense model with each
 candidate and scores it by perplexity on a held-apart slice of the calibration text (never the
@@ -111,8 +111,8 @@ class Recipe:
 
 
 def methods_catalog() -> dict:
-    """Every registered method of the three stages: {stage: {name: {summary, options: {name: {default,
-    type}}, ...}}}, in the order a recipe spec names them (solver, allocation, selection)."""
+    """Every registered method of the four stages: {stage: {name: {summary, options: {name: {default,
+    type}}, ...}}}, in the order a recipe spec names them (solver, allocation, selection, refinement)."""
     from .allocation import ALLOCATORS
     from .refinement import REFINERS
     from .registry import type_name
