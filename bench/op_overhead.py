@@ -23,11 +23,11 @@ def median_us(f, n: int) -> float:
     return sorted(runs)[2]
 
 
-def main() -> None:
+def main(argv=None) -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--shape", type=int, nargs=3, default=[576, 1536, 232], metavar=("IN", "OUT", "RANK"))
     ap.add_argument("--calls", type=int, default=3000)
-    args = ap.parse_args()
+    args = ap.parse_args(argv)
     torch.set_num_threads(1)
     i, o, k = args.shape
     m = LowRankLinear.from_factors(FactorPair(torch.randn(o, k), torch.randn(i, k)))
