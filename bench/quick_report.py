@@ -177,7 +177,7 @@ def summarize(recs: list[dict]) -> str:
             lines += ["", f"## {title}", ""]
             for r in rs:
                 lines.append(f"- {r['name']} {r.get('variant') or ''}: {'pass' if r['pass'] else 'FAIL'}, "
-                             f"{r['unit']} {_fmt(r['value'])} {r.get('note', '')}".rstrip())
+                             f"{r.get('unit')} {_fmt(r['value'])} {r.get('note', '')}".rstrip())
     for phase in ("decode", "prefill"):
         rows = _timings(recs, phase)
         if not rows:
@@ -196,7 +196,7 @@ def summarize(recs: list[dict]) -> str:
     if e2e:
         lines += ["", "## End to end (batch 1)", ""]
         for r in e2e:
-            lines.append(f"- {r['name']} {r.get('variant') or ''}: {_fmt(r['value'], '.2f')} {r['unit'] or ''} "
+            lines.append(f"- {r['name']} {r.get('variant') or ''}: {_fmt(r['value'], '.2f')} {r.get('unit') or ''} "
                          f"({r.get('layers')} layers{', dry' if r['dry'] else ''})")
     lines += ["", "## Targets", "", "| target | threshold | value | status | note |", "| --- | --- | --- | --- | --- |"]
     for t in evaluate_targets(recs):
