@@ -83,6 +83,18 @@ def phase_timeout(phase: Phase, left_s: float, dry: bool, override: float | None
     return min(cap, avail)
 
 
+def _die_with_parent(parent_pid: int) -> None:
+    """Child side: be killed when the runner dies (the device tool stops a command at its limit, but a
+    child in its own session would outlive it and hold the GPU)."""
+    if sys.platform.startswith("linux"):
+        import ctypes
+
+        PR_SET_PDEATHSIG = 1
+        ctypes.CDLL(None, use_errno=True).prctl(PR_SET_PDEATHSIG, signal.SIGKILL)
+    if os.getppid() != parent_pid:   # the runner died before prctl took effect
+        os._exit(3)
+
+
 def _pump(stream, log_file, echo):
     for line in iter(stream.readline, ""):
         log_file.write(line)
@@ -97,7 +109,8 @@ def run_child(phase: Phase, out: Path, run_id: str, t0: float, dry: bool, timeou
     """Run one phase in a child process (its own session, so a timeout kills it and whatever it
     started, nothing else). Returns (status, returncode): done, failed or timeout."""
     cmd = [sys.executable, str(Path(__file__).resolve()), "--child", phase.name, "--out", str(out),
-           "--run", run_id, "--t0", repr(t0), *extra_args] + (["--dry"] if dry else [])
+           "--run", run_id, "--t0", repr(t0), "--parent-pid", str(os.getpid()), *extra_args] + \
+        (["--dry"] if dry else [])
     env = {**os.environ, "PYTHONUNBUFFERED": "1",
            "PYTHONPATH": os.pathsep.join(p for p in (str(ROOT), os.environ.get("PYTHONPATH", "")) if p)}
     if dry:  # CPU only, the kernels through Triton's interpreter
@@ -199,11 +212,14 @@ def main(argv=None) -> int:
     ap.add_argument("--child", help=argparse.SUPPRESS)
     ap.add_argument("--run", help=argparse.SUPPRESS)
     ap.add_argument("--t0", type=float, help=argparse.SUPPRESS)
+    ap.add_argument("--parent-pid", type=int, help=argparse.SUPPRESS)
     args = ap.parse_args(argv)
     if args.summarize:
         print(summarize(read_records(args.summarize)))
         return 0
     if args.child:
+        if args.parent_pid:
+            _die_with_parent(args.parent_pid)
         import quick_phases
 
         return quick_phases.child_main(args.child, Path(args.out) / JSONL, args.run, args.t0, args.dry,

@@ -67,7 +67,7 @@ class Ctx:
 
 
 def compact_env(dev) -> dict:
-    env = {"host": platform.node(), "python": platform.python_version(), "torch": torch.__version__,
+    env = {"host": platform.node(), "pid": os.getpid(), "python": platform.python_version(), "torch": torch.__version__,
            "cuda": torch.version.cuda}
     try:
         import triton

@@ -184,14 +184,15 @@ def summarize(recs: list[dict]) -> str:
             continue
         lines += ["", f"## {phase} timings" + (" (dry: host clock on the CPU, not GPU numbers)" if dry else
                                                " (CUDA graph, median)"), "",
-                  "| in→out | k | M | variant | µs | × dense | × unfused | GB/s | % copy BW |",
-                  "| --- | --- | --- | --- | --- | --- | --- | --- | --- |"]
+                  "| in→out | k | M | variant | µs | × dense | × unfused | GB/s | % copy BW | TFLOP/s |",
+                  "| --- | --- | --- | --- | --- | --- | --- | --- | --- | --- |"]
         for (i, o, k, m), row in rows.items():
             for v, r in row.items():
                 lines.append(f"| {i}→{o} | {k} | {m} | {v} | {_fmt(r['value'], '.1f')} | "
                              f"{_fmt(_speedup(row, v, 'dense'), '.2f')} | {_fmt(_speedup(row, v, 'unfused'), '.2f')} | "
                              f"{_fmt(r.get('GBps'), '.0f')} | "
-                             f"{_fmt(None if r.get('copy_frac') is None else 100 * r['copy_frac'], '.0f')} |")
+                             f"{_fmt(None if r.get('copy_frac') is None else 100 * r['copy_frac'], '.0f')} | "
+                             f"{_fmt(r.get('TFLOPs'), '.3g')} |")
     e2e = [r for r in recs if r["phase"] == "e2e" and r["name"] in ("tokens_per_s", "speedup")]
     if e2e:
         lines += ["", "## End to end (batch 1)", ""]

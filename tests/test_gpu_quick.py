@@ -153,6 +153,47 @@ def test_phase_killed_by_its_timeout_keeps_earlier_records(tmp_path):
     assert "| env | timeout |" in (tmp_path / gpu_quick.SUMMARY).read_text()
 
 
+def _alive(pid: int) -> bool:
+    try:
+        state = Path(f"/proc/{pid}/status").read_text().split("State:")[1].split()[0]
+    except (OSError, IndexError):
+        return False
+    return state != "Z"
+
+
+@pytest.mark.skipif(not sys.platform.startswith("linux"), reason="PR_SET_PDEATHSIG is Linux's")
+def test_child_dies_with_the_runner(tmp_path):
+    """The device tool kills the command at its limit: a child (in its own session) must not outlive it."""
+    import os
+    import signal
+    import subprocess
+    import time
+
+    env = {**os.environ, quick_report.STALL_ENV: "env",
+           "PYTHONPATH": os.pathsep.join([str(BENCH.parent), os.environ.get("PYTHONPATH", "")])}
+    runner = subprocess.Popen([sys.executable, str(BENCH / "gpu_quick.py"), "--dry", "--phases", "env",
+                               "--out", str(tmp_path), "--quiet"], env=env, stdout=subprocess.DEVNULL)
+    path = tmp_path / gpu_quick.JSONL
+    child = None
+    for _ in range(600):
+        recs = quick_report.read_records(path) if path.is_file() else []
+        child = next((r["env"]["pid"] for r in recs if r["name"] == "environment"), None)
+        if child or runner.poll() is not None:
+            break
+        time.sleep(0.1)
+    assert child and _alive(child), "the env child wrote its first record and hangs"
+    runner.send_signal(signal.SIGKILL)
+    runner.wait()
+    for _ in range(50):
+        if not _alive(child):
+            break
+        time.sleep(0.1)
+    survived = _alive(child)
+    if survived:   # leave nothing behind, even when the test fails
+        os.kill(child, signal.SIGKILL)
+    assert not survived
+
+
 def test_budget_skips_phases_that_cannot_fit():
     env = gpu_quick.PHASE_BY_NAME["env"]
     decode = gpu_quick.PHASE_BY_NAME["decode"]
