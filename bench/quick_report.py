@@ -18,6 +18,7 @@ COPY_FRAC_TARGET, COPY_FRAC_MIN_RANK = 0.80, 1024
 E2E_TARGET = 1.40
 PREFILL_TARGET = 1.35
 KERNEL_VARIANTS = ("fused", "two_launch", "two_launch_pdl", "ours")
+MAX_ERRORS_SHOWN = 20
 STALL_ENV = "LRINFER_QUICK_STALL"   # tests only: the named phase's child hangs after its first record
 
 
@@ -199,6 +200,14 @@ def summarize(recs: list[dict]) -> str:
         for r in e2e:
             lines.append(f"- {r['name']} {r.get('variant') or ''}: {_fmt(r['value'], '.2f')} {r.get('unit') or ''} "
                          f"({r.get('layers')} layers{', dry' if r['dry'] else ''})")
+    errors = [r for r in recs if r["name"] == "error"]
+    if errors:
+        lines += ["", f"## Errors ({len(errors)})", ""]
+        for r in errors[:MAX_ERRORS_SHOWN]:
+            lines.append(f"- {r['phase']} {r.get('variant') or ''} {r.get('dtype') or ''} {r.get('shape') or ''}: "
+                         f"{(r.get('error') or '')[:200]}")
+        if len(errors) > MAX_ERRORS_SHOWN:
+            lines.append(f"- … {len(errors) - MAX_ERRORS_SHOWN} more in the JSONL")
     lines += ["", "## Targets", "", "| target | threshold | value | status | note |", "| --- | --- | --- | --- | --- |"]
     for t in evaluate_targets(recs):
         v = t["value"]
