@@ -56,7 +56,8 @@ def test_every_phase_runs_and_records(dry_run):
     for p in PHASE_NAMES:
         measured = [r for r in _of(recs, p) if r["name"] not in RUNNER_NAMES]
         assert measured, f"phase {p} wrote no record"
-        assert status[p]["status"] in ("done", "failed"), (p, status[p])
+        assert status[p]["status"] == "done" or (status[p]["status"] == "failed" and not _interpreter_works()), \
+            (p, status[p])
         assert all(r["env"].get("gpu") == "cpu (dry run)" for r in measured)
     # every phase that fails does so by recording its error, never silently
     for p, st in status.items():
