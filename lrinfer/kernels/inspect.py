@@ -142,7 +142,9 @@ def sass_counts(sass: str) -> dict:
     return out
 
 
+@functools.lru_cache(maxsize=512)
 def _cubin_info(cubin: bytes) -> tuple[str, dict]:
+    """(SASS text, resource usage {reg, stack, shared, local}) of a cubin, from cuobjdump."""
     with tempfile.NamedTemporaryFile(suffix=".cubin") as f:
         f.write(cubin)
         f.flush()
