@@ -53,9 +53,10 @@ NO_CUDA = "skipped: no CUDA device"
 
 
 def rank_for(in_f: int, out_f: int, reduction: float) -> int:
-    """k = floor((1 - r) in out / (in + out)), rounded down to a multiple of 8."""
-    k = math.floor((1 - reduction) * in_f * out_f / (in_f + out_f))
-    return max(8, k // 8 * 8)
+    """The rank `compress` emits for this ratio (uniform allocation, the default rank multiple)."""
+    from lrinfer import CompressConfig, rank_for_ratio
+
+    return rank_for_ratio(in_f, out_f, reduction, CompressConfig.rank_multiple)
 
 
 def time_fn(fn, args_list, warmup: int, iters: int) -> float:

@@ -28,6 +28,22 @@ Under TRITON_INTERPRET=1 (CPU) the interpreter runs a grid's programs one after 
 fused kernel runs there with a grid of ONE program: its barrier then passes at once and its whole
 body (both phases, epoch flip, zeroing of the next buffer, finishing reset) is checked on the CPU.
 
+Bandwidth arithmetic (decode is memory-bound; `estimate.py` turns it into an ESTIMATE). To stream
+at full bandwidth each SM must keep BW × latency / SMs bytes in flight: H100 3.35 TB/s × ~700 ns /
+132 ≈ 17.8 KB, H200 4.8 TB/s → ≈ 25.5 KB. A program keeps (num_stages − 1) tiles in flight once
+its weights stream through cp.async (software pipelined), which needs ranks that are multiples of
+16 (the row stride AND the masked bound; k ≡ 8 mod 16 compiles to 2-byte scalar loads and no
+pipelining: `configs.RANK_ALIGN`, padding in `LowRankLinear`). Default config (BLOCK_IN 128,
+BLOCK_K 64, BLOCK_N 32, BLOCK_R 128, 4 warps, 3 stages), sm_90, bf16, 4096→11008 at k = 1792:
+96 registers, 40 KB shared → 5 programs per SM, grid 5 × 132 = 660 capped at the 448 phase-1
+items; shrink: V tiles 128 × 64 × 2 B = 16 KB, 2 in flight = 32 KB per program; expand: U tiles
+128 × 32 × 2 B = 8 KB, 2 in flight = 16 KB per program, 344 items over 132 SMs ≈ 2.6 programs
+≈ 42 KB per SM (was 64 × 32 × 2 B = 4 KB tiles on one program per SM: ~8 KB). Split-K adds are
+relaxed reductions (no per-atomic MEMBAR/CCTL). The first U tile of each program (8 KB × 448 =
+3.7 MB) is loaded before the grid barrier, so HBM stays busy while programs wait (PREFETCH_U).
+Weights 54.1 MB vs dense 90.2 MB: the ESTIMATE is ≈ 18 µs vs 27 µs on H100 (`lrinfer kernels
+inspect`); only a GPU confirms it.
+
 Workspace protocol (no host syncs, CUDA-graph safe, no memset launch):
     ws   fp32 [2, CAP, KT]  two buffers, CAP = rows capacity, KT = k + k2
     ctr  int32 [4]          [barrier arrivals, finish arrivals, epoch, unused]

@@ -137,3 +137,23 @@ def test_estimate_beats_dense_4096x11008():
     assert h100["weight_bytes"] == (i + o) * res.shape["k"] * 2
     assert h100["speedup_vs_dense"] >= 1.4, h100
     assert h100["in_flight_per_sm"]["expand"] >= h100["needed_in_flight_per_sm"], h100
+
+
+def test_tuner_prunes_with_the_estimate():
+    """bench/tune_kernels.py keeps the candidates with the best ESTIMATE (CPU only, no GPU)."""
+    _backend_or_skip()
+    import os
+    import sys
+
+    bench = os.path.join(os.path.dirname(__file__), "..", "..", "bench")
+    sys.path.insert(0, os.path.abspath(bench))
+    try:
+        import tune_kernels as tk
+    finally:
+        sys.path.pop(0)
+    base = {**configs.DEFAULTS[1], "method": "fused"}
+    starved = {**base, "BLOCK_N": 16, "BLOCK_R": 16, "num_stages": 1}  # one 512-byte U tile in flight
+    kept = tk.prune([{"method": "torch"}, starved, base], [(4096, 11008, 1792)], 1, keep=1)
+    assert kept[0] == ({"method": "torch"}, None)
+    assert [c for c, _ in kept[1:]] == [base]
+    assert tk.estimate_us(starved, 4096, 11008, 1792, 1) > tk.estimate_us(base, 4096, 11008, 1792, 1)
