@@ -143,8 +143,7 @@ def _variant_fn(variant: str, in_f: int, out_f: int, k: int, M: int, device):
 
     dev = device.index if device.index is not None else torch.cuda.current_device()
     cfg = {**configs.get_config(M, in_f, out_f, k, configs.device_slug(dev)), "method": variant}
-    sms = configs.num_sms(dev)
-    kw = dict(fused=variant == "fused", pdl=variant == "two_launch_pdl", max_programs=sms)
+    kw = dict(fused=variant == "fused", pdl=variant == "two_launch_pdl")  # grid: SMs × occupancy, as the op
     return lambda x, V, U: fused_decode.lowrank_decode(x, V, U, cfg=cfg, **kw)
 
 

@@ -91,7 +91,6 @@ def time_config(in_f, out_f, k, M, cfg, dtype, iters, device="cuda"):
     sets = [(torch.randn(M, in_f, dtype=dtype, device=device),
              torch.randn(in_f, k, dtype=dtype, device=device) / in_f**0.5,
              torch.randn(out_f, k, dtype=dtype, device=device) / k**0.5) for _ in range(4 if cuda else 2)]
-    sms = torch.cuda.get_device_properties(device).multi_processor_count if cuda else 1
     m = full["method"]
     if m == "torch":
         fn = lowrank_linear_reference
@@ -99,7 +98,7 @@ def time_config(in_f, out_f, k, M, cfg, dtype, iters, device="cuda"):
         fn = lambda x, V, U: prefill.lowrank_prefill(x, V, U, cfg=full)  # noqa: E731
     else:
         fn = lambda x, V, U: fused_decode.lowrank_decode(x, V, U, cfg=full, fused=m == "fused",  # noqa: E731
-                                                         pdl=m == "two_launch_pdl", max_programs=sms)
+                                                         pdl=m == "two_launch_pdl")
     try:
         ref = lowrank_linear_reference(*sets[0]).float()
         err = (fn(*sets[0]).float() - ref).abs().max().item() / ref.abs().max().item()
