@@ -20,7 +20,6 @@ from __future__ import annotations
 import argparse
 import gc
 import json
-import math
 import os
 import sys
 import time
@@ -49,7 +48,10 @@ class LRLinear(nn.Module):
 
 
 def rank_for(in_f, out_f, reduction):
-    return max(8, math.floor((1 - reduction) * in_f * out_f / (in_f + out_f)) // 8 * 8)
+    """The rank `compress` emits for this ratio (uniform allocation, the default rank multiple)."""
+    from lrinfer import CompressConfig, rank_for_ratio
+
+    return rank_for_ratio(in_f, out_f, reduction, CompressConfig.rank_multiple)
 
 
 @torch.no_grad()

@@ -53,9 +53,10 @@ NO_CUDA = "skipped: no CUDA device"
 
 
 def rank_for(in_f: int, out_f: int, reduction: float) -> int:
-    """k = floor((1 - r) in out / (in + out)), rounded down to a multiple of 8."""
-    k = math.floor((1 - reduction) * in_f * out_f / (in_f + out_f))
-    return max(8, k // 8 * 8)
+    """The rank `compress` emits for this ratio (uniform allocation, the default rank multiple)."""
+    from lrinfer import CompressConfig, rank_for_ratio
+
+    return rank_for_ratio(in_f, out_f, reduction, CompressConfig.rank_multiple)
 
 
 def time_fn(fn, args_list, warmup: int, iters: int) -> float:
@@ -142,8 +143,7 @@ def _variant_fn(variant: str, in_f: int, out_f: int, k: int, M: int, device):
 
     dev = device.index if device.index is not None else torch.cuda.current_device()
     cfg = {**configs.get_config(M, in_f, out_f, k, configs.device_slug(dev)), "method": variant}
-    sms = configs.num_sms(dev)
-    kw = dict(fused=variant == "fused", pdl=variant == "two_launch_pdl", max_programs=sms)
+    kw = dict(fused=variant == "fused", pdl=variant == "two_launch_pdl")  # grid: SMs × occupancy, as the op
     return lambda x, V, U: fused_decode.lowrank_decode(x, V, U, cfg=cfg, **kw)
 
 

@@ -15,7 +15,6 @@ the embedding and the LM head stay dense.
 """
 from __future__ import annotations
 
-import math
 import statistics
 import time
 from dataclasses import asdict, dataclass
@@ -48,7 +47,10 @@ class DecoderConfig:
 
 
 def rank_for(in_f: int, out_f: int, reduction: float) -> int:
-    return max(8, math.floor((1 - reduction) * in_f * out_f / (in_f + out_f)) // 8 * 8)
+    """The rank `compress` emits for this ratio (uniform allocation, the default rank multiple)."""
+    from lrinfer import CompressConfig, rank_for_ratio
+
+    return rank_for_ratio(in_f, out_f, reduction, CompressConfig.rank_multiple)
 
 
 def make_linear(in_f: int, out_f: int, reduction: float, dtype, device) -> nn.Module:

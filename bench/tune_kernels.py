@@ -8,6 +8,11 @@ beats the bucket winner by more than 3% ("shapes"). Candidates that give a wrong
 
     python bench/tune_kernels.py --reductions 0.4 --M 1 4 16 32 64 128 512 2048 8192
 
+Before any GPU time, the decode candidates are pruned on the CPU with the static ESTIMATE of
+`lrinfer.kernels.inspect.compile_only` (each candidate compiled for the device's arch, timed by
+the model in lrinfer/kernels/estimate.py on the largest shape): only the `--prune-keep` best
+(default 8) are timed. `--prune-only` prints the ranking and exits (no GPU needed).
+
 `tune()` is the same as a function with a deadline and per-bucket resume (bench/gpu_kit.py).
 """
 from __future__ import annotations
@@ -39,15 +44,41 @@ def candidates(M: int, device="cuda"):
         return out
     if M <= 64:
         bm = max(16, 1 << (M - 1).bit_length())
-        for method, bin_, bk, bn, br, nw in itertools.product(
-                DECODE_METHODS, (128, 256), (32, 64), (32, 64), (64,), (4, 8)):
+        for method, bin_, bk, bn, br, nw, ns in itertools.product(
+                DECODE_METHODS, (128, 256), (32, 64), (32, 64), (64, 128), (4, 8), (3, 4)):
             out.append(dict(method=method, BLOCK_M=bm, BLOCK_IN=bin_, BLOCK_K=bk, BLOCK_N=bn, BLOCK_R=br,
-                            num_warps=nw))
+                            num_warps=nw, num_stages=ns))
     if M >= 64:
         for pm, pn, pk, nw, ns in ((64, 64, 64, 4, 4), (128, 128, 64, 8, 3), (128, 256, 64, 8, 3),
                                    (64, 128, 64, 4, 4), (128, 64, 64, 4, 4)):
             out.append(dict(method="triton", PM=pm, PN=pn, PK=pk, GROUP_M=8, p_warps=nw, p_stages=ns))
     return out
+
+
+DECODE_KEYS = ("BLOCK_M", "BLOCK_IN", "BLOCK_K", "BLOCK_N", "BLOCK_R", "num_warps", "num_stages")
+
+
+def estimate_us(cfg: dict, in_f: int, out_f: int, k: int, M: int, dtype="bfloat16", arch=90, gpu="h100"):
+    """ESTIMATE (static model, CPU only) of one decode candidate's µs; inf when it does not compile."""
+    from lrinfer.kernels.inspect import compile_only
+
+    over = {key: cfg[key] for key in DECODE_KEYS if key in cfg}
+    try:
+        return compile_only(cfg["method"], dtype, in_f, out_f, k, 0, M, over, arch).estimate[gpu]["us"]
+    except Exception as e:  # a candidate that cannot compile here is pruned
+        print(f"  candidate {cfg} does not compile for sm_{arch}: {type(e).__name__}: {str(e)[:200]}",
+              file=sys.stderr)
+        return math.inf
+
+
+def prune(cands: list, shapes, M: int, keep: int = 8, arch: int = 90, gpu: str = "h100", dtype="bfloat16"):
+    """The `keep` decode candidates with the best ESTIMATE on the largest shape, plus every other
+    method's candidates (torch, triton); [(cfg, estimate µs or None)] in that order."""
+    i, o, k = max(shapes, key=lambda s: (s[0] + s[1]) * s[2])
+    decode = [c for c in cands if c["method"] in DECODE_METHODS]
+    rest = [(c, None) for c in cands if c["method"] not in DECODE_METHODS]
+    scored = sorted(((c, estimate_us(c, i, o, k, M, dtype, arch, gpu)) for c in decode), key=lambda t: t[1])
+    return rest + [t for t in scored[:keep] if math.isfinite(t[1])]
 
 
 def time_config(in_f, out_f, k, M, cfg, dtype, iters, device="cuda"):
@@ -60,7 +91,6 @@ def time_config(in_f, out_f, k, M, cfg, dtype, iters, device="cuda"):
     sets = [(torch.randn(M, in_f, dtype=dtype, device=device),
              torch.randn(in_f, k, dtype=dtype, device=device) / in_f**0.5,
              torch.randn(out_f, k, dtype=dtype, device=device) / k**0.5) for _ in range(4 if cuda else 2)]
-    sms = torch.cuda.get_device_properties(device).multi_processor_count if cuda else 1
     m = full["method"]
     if m == "torch":
         fn = lowrank_linear_reference
@@ -68,7 +98,7 @@ def time_config(in_f, out_f, k, M, cfg, dtype, iters, device="cuda"):
         fn = lambda x, V, U: prefill.lowrank_prefill(x, V, U, cfg=full)  # noqa: E731
     else:
         fn = lambda x, V, U: fused_decode.lowrank_decode(x, V, U, cfg=full, fused=m == "fused",  # noqa: E731
-                                                         pdl=m == "two_launch_pdl", max_programs=sms)
+                                                         pdl=m == "two_launch_pdl")
     try:
         ref = lowrank_linear_reference(*sets[0]).float()
         err = (fn(*sets[0]).float() - ref).abs().max().item() / ref.abs().max().item()
@@ -81,7 +111,8 @@ def time_config(in_f, out_f, k, M, cfg, dtype, iters, device="cuda"):
         return math.inf
 
 
-def tune(shapes, Ms, iters=50, dtype=torch.bfloat16, device="cuda", done=None, deadline=None, on_bucket=None):
+def tune(shapes, Ms, iters=50, dtype=torch.bfloat16, device="cuda", done=None, deadline=None, on_bucket=None,
+         prune_keep=8, arch=None):
     """Tuned table {"buckets": {M: cfg}, "shapes": {"INxOUTxK": {M: cfg}}, "timings": {...}}.
 
     shapes: [(in, out, k)]. done: a previous partial result to continue from (buckets already
@@ -97,6 +128,12 @@ def tune(shapes, Ms, iters=50, dtype=torch.bfloat16, device="cuda", done=None, d
             res["complete"] = False
             return res
         cands = candidates(M, device)
+        if prune_keep and len(cands) > prune_keep + 1:  # CPU: the static ESTIMATE picks what is timed
+            if arch is None:
+                major, minor = torch.cuda.get_device_capability()
+                arch = major * 10 + minor if major * 10 + minor in (80, 90) else (90 if major >= 9 else 80)
+            cands = [c for c, _ in prune(cands, shapes, M, prune_keep, arch,
+                                         dtype=str(dtype).removeprefix("torch."))]
         times = [[time_config(i, o, k, M, c, dtype, iters, device) for (i, o, k) in shapes] for c in cands]
         geo = [math.exp(sum(math.log(t) for t in ts) / len(ts)) if all(map(math.isfinite, ts)) else math.inf
                for ts in times]
@@ -128,7 +165,22 @@ def main(argv=None):
     p.add_argument("--iters", type=int, default=50)
     p.add_argument("--device", default="cuda", help="cuda, or cpu for a plumbing check on --models tiny")
     p.add_argument("--out", default=None, help="default lrinfer/kernels/configs/<gpu-slug>.json")
+    p.add_argument("--prune-keep", type=int, default=8,
+                   help="decode candidates kept after the CPU ESTIMATE (0: time them all)")
+    p.add_argument("--prune-only", action="store_true",
+                   help="print the ESTIMATE ranking of the decode candidates and exit (no GPU)")
+    p.add_argument("--arch", default="sm_90", choices=["sm_80", "sm_90"], help="with --prune-only")
     args = p.parse_args(argv)
+    if args.prune_only:
+        all_shapes = {**SHAPES, **TINY_SHAPES}
+        shapes = [(i, o, rank_for(i, o, r)) for mdl in args.models for i, o in all_shapes[mdl]
+                  for r in args.reductions]
+        for M in args.M:
+            ranked = prune(candidates(M, "cuda"), shapes, M, args.prune_keep or 10**9, int(args.arch[3:]))
+            for c, us in ranked:
+                if us is not None:
+                    print(f"M={M} ESTIMATE {us:.1f} µs: {c}")
+        return 0
     cuda = args.device.startswith("cuda")
     if cuda and not torch.cuda.is_available():
         print("tune_kernels: needs a CUDA device", file=sys.stderr)
@@ -138,7 +190,7 @@ def main(argv=None):
     gpu = torch.cuda.get_device_name() if cuda else "cpu"
     all_shapes = {**SHAPES, **TINY_SHAPES}
     shapes = [(i, o, rank_for(i, o, r)) for mdl in args.models for i, o in all_shapes[mdl] for r in args.reductions]
-    res = tune(shapes, args.M, args.iters, device=args.device)
+    res = tune(shapes, args.M, args.iters, device=args.device, prune_keep=args.prune_keep if cuda else 0)
     out = args.out or os.path.join(configs.CONFIG_DIR, f"{configs.gpu_slug(gpu)}.json")
     os.makedirs(os.path.dirname(os.path.abspath(out)), exist_ok=True)
     with open(out, "w") as f:

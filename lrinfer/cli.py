@@ -8,6 +8,7 @@ import sys
 from dataclasses import fields
 from pathlib import Path
 
+from . import cli_kernels
 from .errors import LrinferError
 
 _DEFAULTS = None
@@ -229,6 +230,8 @@ def _add_generate_bench(sub) -> None:
     b.add_argument("--cache", choices=["static", "dynamic"], default="static", help="KV cache (default static)")
     b.add_argument("--no-graphs", action="store_true", help="CUDA: eager forwards instead of CUDA graphs")
     device_args(b)
+
+    cli_kernels.add_parser(sub)
 
 
 def cmd_generate(args) -> dict:
@@ -541,7 +544,8 @@ def cmd_plot(args) -> dict:
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     handler = {"compress": cmd_compress, "eval": cmd_eval, "info": cmd_info, "plot": cmd_plot, "methods": cmd_methods,
-               "generate": cmd_generate, "bench": cmd_bench, "plan": cmd_plan, "serve": cmd_serve}[args.command]
+               "generate": cmd_generate, "bench": cmd_bench, "plan": cmd_plan, "serve": cmd_serve,
+               "kernels": cli_kernels.cmd_kernels}[args.command]
     try:
         report = handler(args)
     except (LrinferError, ImportError) as e:

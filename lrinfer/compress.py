@@ -15,6 +15,7 @@ from .calibration import (_on, capture_inputs, collect_stats, fisher_information
                           swapped_in)
 from .errors import LrinferError
 from .factors import FactorPair, check_ratio
+from .kernels.configs import RANK_ALIGN
 from .models import check_architecture, compressible_linears, decoder_blocks
 from .nn import LowRankLinear, replace_module
 from .refinement import get_refiner
@@ -35,14 +36,15 @@ class CompressConfig:
 
     method: solver name (svd, svdllm, ...); ratio: fraction of the compressible linears'
     parameters removed, in (0, 1); selection / allocation: which linears, and how the budget is
-    spread; rank_multiple: ranks are rounded to its nearest multiple (tensor-core friendly); modules: restrict
+    spread; rank_multiple: ranks are rounded to its nearest multiple (16: rows the kernels load 16 bytes
+    at a time; other ranks are zero-padded at load, see `LowRankLinear`); modules: restrict
     to these linear names (e.g. ["q_proj", "down_proj"]); calibration: source, samples, length, seed.
     """
     method: str = "svdllm"
     ratio: float = 0.2
     selection: str | None = None        # None: the method's own default (e.g. ResSVD's last layers)
     allocation: str = "uniform"
-    rank_multiple: int = 8
+    rank_multiple: int = RANK_ALIGN     # 16: ranks the kernels load with 16-byte rows
     modules: list[str] | None = None
     calib: str = "wikitext2"
     n_samples: int = 32

@@ -7,7 +7,41 @@ import torch
 from torch import nn
 
 from .factors import FactorPair
+from .kernels.configs import RANK_ALIGN, aligned_rank as _aligned
 from .kernels.ops import _validate, lowrank_forward
+
+PAD_DEVICE_TYPES = {"cuda"}  # devices whose factors get zero-padded storage (the kernels run there)
+_FACTORS = ("V", "U", "V2", "U2")
+
+
+def _is_padded(p: torch.Tensor) -> bool:
+    """p [rows, k] is the leading view of a zero-padded [rows, aligned(k)] buffer (`_pad`)."""
+    rows, k = p.shape
+    kp = _aligned(k)
+    return (kp == k or (p.stride() == (kp, 1) and p.storage_offset() == 0
+                        and p.untyped_storage().nbytes() >= rows * kp * p.element_size()))
+
+
+def _pad(p: nn.Parameter) -> nn.Parameter:
+    """The same parameter values [rows, k] as a view into a zero-filled [rows, aligned(k)] buffer.
+
+    Exact: the extra columns are zero in V and U alike, so they add nothing to (x V) Uᵀ; no op on the
+    view can write them. Cost: (rows) × (aligned(k) − k) × element bytes per factor.
+    """
+    if p is None or p.dim() != 2 or p.device.type not in PAD_DEVICE_TYPES or _is_padded(p):
+        return p
+    rows, k = p.shape
+    buf = torch.zeros(rows, _aligned(k), dtype=p.dtype, device=p.device)
+    with torch.no_grad():
+        buf[:, :k].copy_(p)
+    return nn.Parameter(buf[:, :k], requires_grad=p.requires_grad)
+
+
+def kernel_view(p: torch.Tensor | None) -> torch.Tensor | None:
+    """p [rows, k] widened to [rows, aligned(k)] over its zero padding when it has one, else p."""
+    if p is None or not _is_padded(p) or p.shape[1] % RANK_ALIGN == 0:
+        return p
+    return p.as_strided((p.shape[0], _aligned(p.shape[1])), (_aligned(p.shape[1]), 1))
 
 
 class LowRankLinear(nn.Module):
@@ -17,6 +51,13 @@ class LowRankLinear(nn.Module):
     The forward computes `torch.ops.lrinfer.lowrank_linear` (Triton on CUDA, torch elsewhere); the
     factors are checked against each other once, not on every call (again after `.to()` or a new
     parameter), and each call only compares x's width, dtype and device with V's.
+
+    Ranks the kernels cannot load with 16-byte rows (k not a multiple of `RANK_ALIGN`: checkpoints
+    written with rank_multiple 8, ResSVD's two ranks) are padded at load: on CUDA each factor is
+    stored as the [rows, k] view of a zero-filled [rows, k'] buffer (k' = k rounded up to 16),
+    and the kernels get the [rows, k'] view. Exact math (zero columns in V and U); the parameters,
+    `rank`, `factors()` and the state dict keep k. Cost: (in + out) × (k' − k) × element bytes per
+    pair, e.g. 4096→11008 at k = 1784: 15104 × 8 × 2 B = 242 KB (0.45% of its 53.9 MB).
     """
 
     _checked = False   # the factors' shapes, dtypes and devices agree (see `forward`)
@@ -75,16 +116,26 @@ class LowRankLinear(nn.Module):
         if not self._checked or x.shape[-1] != V.shape[0] or x.dtype != V.dtype or x.device != V.device:
             _validate(x, V, self.U, self.bias, self.V2, self.U2)   # raises, naming the mismatch
             self._checked = True
+        if x.is_cuda and not (torch.is_grad_enabled() and V.requires_grad):  # kernels: padded views
+            return lowrank_forward(x, kernel_view(V), kernel_view(self.U), self.bias,
+                                   kernel_view(self.V2), kernel_view(self.U2))
         return lowrank_forward(x, V, self.U, self.bias, self.V2, self.U2)
 
     def __setattr__(self, name, value):
         if name in ("V", "U", "V2", "U2", "bias"):
             self.__dict__["_checked"] = False
+        if name in _FACTORS and isinstance(value, nn.Parameter):
+            value = _pad(value)
         super().__setattr__(name, value)
 
     def _apply(self, fn, recurse=True):
         self._checked = False
-        return super()._apply(fn, recurse)
+        out = super()._apply(fn, recurse)
+        for name in _FACTORS:  # a move to CUDA (or a dtype change there) gets padded storage again
+            p = self._parameters.get(name)
+            if p is not None and not _is_padded(p) and p.device.type in PAD_DEVICE_TYPES:
+                super().__setattr__(name, _pad(p))
+        return out
 
     def extra_repr(self) -> str:
         r2 = f", rank2={self.rank2}" if self.rank2 else ""

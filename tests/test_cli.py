@@ -3,6 +3,7 @@ import json
 
 import pytest
 
+import lrinfer
 from lrinfer.cli import main
 
 TEXT = ("The quick brown fox jumps over the lazy dog. " * 3 + "Pack my box with five dozen liquor jugs. ") * 60
@@ -141,3 +142,30 @@ def test_flipped_byte_fails_eval(tiny_dir, tmp_path, capsys):
     (out / "model.safetensors").write_bytes(bytes(data))
     assert main(["eval", str(out), "--data", str(tiny_dir / "text.txt"), "--seq-len", "32"]) == 2
     assert "checksum mismatch" in capsys.readouterr().err
+
+
+def test_kernels_inspect_json_and_dump(tmp_path, capsys):
+    """`lrinfer kernels inspect` with the flags other tools call it with: the rank compress emits,
+    the launcher's kernels compiled for sm_90 on the CPU, an ESTIMATE beside dense, cubin + PTX dumped."""
+    from lrinfer.factors import rank_for_ratio
+    from lrinfer.kernels import inspect as ki
+
+    try:
+        ki._tool("cuobjdump")
+        ki._tool("ptxas")
+    except Exception as e:
+        pytest.skip(f"no Triton NVIDIA backend: {e}")
+    argv = ["kernels", "inspect", "--in", "4096", "--out", "11008", "--ratio", "0.4", "--m", "1",
+            "--dtype", "bfloat16", "--arch", "sm_90"]
+    assert main(argv + ["--json", "--dump", str(tmp_path)]) == 0
+    rep = json.loads(capsys.readouterr().out)
+    assert rep["rank"] == rank_for_ratio(4096, 11008, 0.4, lrinfer.CompressConfig().rank_multiple)
+    (insp,) = rep["inspections"]
+    assert insp["method"] == "fused" and insp["kernels"][0]["sass"]["ldg_scalar"] == 0
+    assert "ESTIMATE" in insp["estimate"]["label"] and insp["estimate"]["h100"]["dense_bytes"] == 4096 * 11008 * 2
+    assert (tmp_path / "fused" / "0__fused_kernel_sm90.cubin").stat().st_size > 0
+    assert "_fused_kernel" in (tmp_path / "fused" / "0__fused_kernel_sm90.ptx").read_text()
+    assert main(argv) == 0
+    assert "ESTIMATE" in capsys.readouterr().out
+    assert main(["kernels", "inspect", "--in", "4096", "--out", "11008", "--m", "1"]) == 2
+    assert "exactly one of --ratio" in capsys.readouterr().err

@@ -10,7 +10,9 @@ A config is a flat dict:
                 "triton"      tiled tensor-core matmuls (prefill)
                 "torch"       two cuBLAS matmuls through torch
     decode keys (fused / two_launch / two_launch_pdl):
-                BLOCK_M, BLOCK_IN, BLOCK_K (shrink tile), BLOCK_N, BLOCK_R (expand tile), num_warps
+                BLOCK_M, BLOCK_IN, BLOCK_K (shrink tile), BLOCK_N, BLOCK_R (expand tile), num_warps,
+                num_stages (software-pipeline depth of both phases' loads), PREFETCH_U (fused: load
+                the first U tile before the grid barrier, 1/0)
     prefill keys (triton):
                 PM, PN, PK, GROUP_M, p_warps, p_stages
 
@@ -36,9 +38,20 @@ from pathlib import Path
 
 CONFIG_DIR = Path(__file__).with_name("configs")
 
+# Ranks the decode/prefill kernels read with 16-byte rows and cp.async: the row stride AND the
+# masked bound must be multiples of 16 elements (k ≡ 8 mod 16 compiles to 2-byte scalar loads).
+# `CompressConfig.rank_multiple` defaults to it; `LowRankLinear` pads other ranks with zero columns.
+RANK_ALIGN = 16
+
+
+def aligned_rank(k: int) -> int:
+    """k rounded up to RANK_ALIGN: the rank the kernels get after padding at load."""
+    return -(-k // RANK_ALIGN) * RANK_ALIGN
+
 M_BUCKETS = (1, 2, 4, 8, 16, 32, 64, 128, 256, 512, 2048, 8192)
 
-_DECODE = dict(BLOCK_M=16, BLOCK_IN=128, BLOCK_K=64, BLOCK_N=32, BLOCK_R=64, num_warps=4)
+_DECODE = dict(BLOCK_M=16, BLOCK_IN=128, BLOCK_K=64, BLOCK_N=32, BLOCK_R=128, num_warps=4, num_stages=3,
+               PREFETCH_U=1)
 _PREFILL = dict(PM=128, PN=128, PK=64, GROUP_M=8, p_warps=8, p_stages=3)
 
 

@@ -28,6 +28,22 @@ Under TRITON_INTERPRET=1 (CPU) the interpreter runs a grid's programs one after 
 fused kernel runs there with a grid of ONE program: its barrier then passes at once and its whole
 body (both phases, epoch flip, zeroing of the next buffer, finishing reset) is checked on the CPU.
 
+Bandwidth arithmetic (decode is memory-bound; `estimate.py` turns it into an ESTIMATE). To stream
+at full bandwidth each SM must keep BW × latency / SMs bytes in flight: H100 3.35 TB/s × ~700 ns /
+132 ≈ 17.8 KB, H200 4.8 TB/s → ≈ 25.5 KB. A program keeps (num_stages − 1) tiles in flight once
+its weights stream through cp.async (software pipelined), which needs ranks that are multiples of
+16 (the row stride AND the masked bound; k ≡ 8 mod 16 compiles to 2-byte scalar loads and no
+pipelining: `configs.RANK_ALIGN`, padding in `LowRankLinear`). Default config (BLOCK_IN 128,
+BLOCK_K 64, BLOCK_N 32, BLOCK_R 128, 4 warps, 3 stages), sm_90, bf16, 4096→11008 at k = 1792:
+96 registers, 40 KB shared → 5 programs per SM, grid 5 × 132 = 660 capped at the 448 phase-1
+items; shrink: V tiles 128 × 64 × 2 B = 16 KB, 2 in flight = 32 KB per program; expand: U tiles
+128 × 32 × 2 B = 8 KB, 2 in flight = 16 KB per program, 344 items over 132 SMs ≈ 2.6 programs
+≈ 42 KB per SM (was 64 × 32 × 2 B = 4 KB tiles on one program per SM: ~8 KB). Split-K adds are
+relaxed reductions (no per-atomic MEMBAR/CCTL). The first U tile of each program (8 KB × 448 =
+3.7 MB) is loaded before the grid barrier, so HBM stays busy while programs wait (PREFETCH_U).
+Weights 54.1 MB vs dense 90.2 MB: the ESTIMATE is ≈ 18 µs vs 27 µs on H100 (`lrinfer kernels
+inspect`); only a GPU confirms it.
+
 Workspace protocol (no host syncs, CUDA-graph safe, no memset launch):
     ws   fp32 [2, CAP, KT]  two buffers, CAP = rows capacity, KT = k + k2
     ctr  int32 [4]          [barrier arrivals, finish arrivals, epoch, unused]
@@ -42,6 +58,7 @@ from __future__ import annotations
 import ctypes
 import functools
 import os
+from typing import NamedTuple
 
 import torch
 import triton
@@ -75,8 +92,14 @@ def _shrink_tile(
             acc = tl.dot(xt, vt, acc, input_precision="ieee")
         else:
             acc = tl.dot(xt, vt, acc)
+    # relaxed: a plain reduction (REDG), no fence per atomic. What orders these adds before any
+    # read of t is, in the fused kernel, the grid barrier: every thread's adds come before the
+    # block-wide `debug_barrier`, then one release add on the arrival counter (cumulative: it
+    # publishes all the block's prior writes), matched by the readers' acquire loads; in the
+    # two-launch forms, the kernel boundary or `gdc_wait` (which waits for the whole shrink grid
+    # and its memory).
     tl.atomic_add(ws_ptr + offs_m[:, None] * KT + (ws_off + offs_k)[None, :], acc,
-                  mask=mask_m[:, None] & mask_k[None, :])
+                  mask=mask_m[:, None] & mask_k[None, :], sem="relaxed")
 
 
 @triton.jit
@@ -119,6 +142,20 @@ def _shrink_phase(
 
 
 @triton.jit
+def _first_u_tile(u_ptr, M, OUT, K1, stride_un, stride_uk, pid,
+                  BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_R: tl.constexpr):
+    """U[rows of item `pid`, 0 : BLOCK_R]ᵀ as [BLOCK_R, BLOCK_N]: the first U tile this program's
+    expand phase reads. It does not depend on t, so the fused kernel loads it before the barrier."""
+    n_n_tiles = (OUT + BLOCK_N - 1) // BLOCK_N
+    n_items = (M + BLOCK_M - 1) // BLOCK_M * n_n_tiles
+    offs_n = (pid % n_n_tiles) * BLOCK_N + tl.arange(0, BLOCK_N)
+    offs_r = tl.arange(0, BLOCK_R)
+    n_end = tl.where(pid < n_items, OUT, 0)  # a program without expand items loads nothing
+    return tl.load(u_ptr + offs_r[:, None] * stride_uk + offs_n[None, :] * stride_un,
+                   mask=(offs_r < K1)[:, None] & (offs_n < n_end)[None, :], other=0.0)
+
+
+@triton.jit
 def _expand_phase(
     # pointers
     ws_ptr, u_ptr, u2_ptr, bias_ptr, y_ptr,
@@ -128,9 +165,11 @@ def _expand_phase(
     stride_un, stride_uk, stride_u2n, stride_u2k, stride_ym, stride_yn,
     # program id and count (persistent loop)
     pid, n_prog,
+    # U[item pid, 0:BLOCK_R] loaded before the barrier (`_first_u_tile`), used when HAS_FIRST
+    u_first,
     # meta
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_R: tl.constexpr,
-    HAS_BIAS: tl.constexpr, HAS_RES: tl.constexpr, IEEE: tl.constexpr,
+    HAS_BIAS: tl.constexpr, HAS_RES: tl.constexpr, IEEE: tl.constexpr, HAS_FIRST: tl.constexpr,
 ):
     """y[M, OUT] = t[:, :K1] @ U[OUT, K1]ᵀ (+ t[:, K1:] @ U2[OUT, K2]ᵀ) (+ bias), t = ws (fp32)."""
     n_n_tiles = (OUT + BLOCK_N - 1) // BLOCK_N
@@ -143,7 +182,18 @@ def _expand_phase(
         mask_m = offs_m < M
         mask_n = offs_n < OUT
         acc = tl.full((BLOCK_M, BLOCK_N), 0.0, tl.float32)
-        for r0 in range(0, K1, BLOCK_R):
+        r_start = 0
+        if HAS_FIRST:
+            if item == pid:  # this program's first item: its first U tile is already loaded
+                offs_r = tl.arange(0, BLOCK_R)
+                t = tl.load(ws_ptr + offs_m[:, None] * KT + offs_r[None, :],
+                            mask=mask_m[:, None] & (offs_r < K1)[None, :], other=0.0, cache_modifier=".cg")
+                if IEEE:
+                    acc = tl.dot(t.to(u_first.dtype), u_first, acc, input_precision="ieee")
+                else:
+                    acc = tl.dot(t.to(u_first.dtype), u_first, acc)
+                r_start = BLOCK_R
+        for r0 in range(r_start, K1, BLOCK_R):
             offs_r = r0 + tl.arange(0, BLOCK_R)
             mask_r = offs_r < K1
             # .cg: other programs' atomics live in L2, bypass L1
@@ -226,7 +276,7 @@ def _expand_kernel(
     e = tl.load(ctr_ptr + 2)
     _expand_phase(ws_ptr + e * ws_numel, u_ptr, u2_ptr, bias_ptr, y_ptr, M, OUT, K1, K2, KT,
                   stride_un, stride_uk, stride_u2n, stride_u2k, stride_ym, stride_yn,
-                  pid, n_prog, BLOCK_M, BLOCK_N, BLOCK_R, HAS_BIAS, HAS_RES, IEEE)
+                  pid, n_prog, 0.0, BLOCK_M, BLOCK_N, BLOCK_R, HAS_BIAS, HAS_RES, IEEE, False)
     tl.debug_barrier()
     _finish(ctr_ptr, n_prog)
 
@@ -239,10 +289,13 @@ def _fused_kernel(
     stride_un, stride_uk, stride_u2n, stride_u2k, stride_ym, stride_yn,
     BLOCK_M: tl.constexpr, BLOCK_IN: tl.constexpr, BLOCK_K: tl.constexpr,
     BLOCK_N: tl.constexpr, BLOCK_R: tl.constexpr, ZBLOCK: tl.constexpr,
-    HAS_BIAS: tl.constexpr, HAS_RES: tl.constexpr, IEEE: tl.constexpr,
+    HAS_BIAS: tl.constexpr, HAS_RES: tl.constexpr, IEEE: tl.constexpr, PREFETCH_U: tl.constexpr,
 ):
     """Both phases in one persistent launch. Every program of the grid must be resident at once
-    (the launcher bounds the grid and asks for a cooperative launch); interpreted: grid of 1."""
+    (the launcher bounds the grid and asks for a cooperative launch); interpreted: grid of 1.
+
+    PREFETCH_U: the first U tile of this program's first expand item is loaded before the grid
+    barrier, so HBM stays busy while the programs wait for each other (see the module doc)."""
     pid = tl.program_id(0)
     n_prog = tl.num_programs(0)
     e = tl.load(ctr_ptr + 2)
@@ -251,6 +304,9 @@ def _fused_kernel(
                   M, IN, K1, K2, KT, ws_numel, n_k1_tiles, n_k_tiles, n_splits, blocks_per_split,
                   stride_xm, stride_xi, stride_vi, stride_vk, stride_v2i, stride_v2k,
                   pid, n_prog, BLOCK_M, BLOCK_IN, BLOCK_K, ZBLOCK, IEEE)
+    u_first = 0.0
+    if PREFETCH_U:
+        u_first = _first_u_tile(u_ptr, M, OUT, K1, stride_un, stride_uk, pid, BLOCK_M, BLOCK_N, BLOCK_R)
     # grid barrier: all phase-1 atomics land before anyone reads t
     tl.debug_barrier()
     tl.atomic_add(ctr_ptr, 1, sem="release")
@@ -260,7 +316,7 @@ def _fused_kernel(
     tl.debug_barrier()
     _expand_phase(ws_cur, u_ptr, u2_ptr, bias_ptr, y_ptr, M, OUT, K1, K2, KT,
                   stride_un, stride_uk, stride_u2n, stride_u2k, stride_ym, stride_yn,
-                  pid, n_prog, BLOCK_M, BLOCK_N, BLOCK_R, HAS_BIAS, HAS_RES, IEEE)
+                  pid, n_prog, u_first, BLOCK_M, BLOCK_N, BLOCK_R, HAS_BIAS, HAS_RES, IEEE, PREFETCH_U)
     tl.debug_barrier()
     _finish(ctr_ptr, n_prog)
 
@@ -331,16 +387,15 @@ def _occupancy(kernel, device_index: int) -> int:
 _RESIDENT: dict = {}
 
 
-def _resident_limit(key, compile_fn, device_index: int, cooperative: bool) -> int:
-    """Most programs the fused grid may have: SMs × occupancy (÷ _STREAM_SLACK without a
-    cooperative launch). Cached per (device, dtype, meta-parameters)."""
+def _resident_limit(key, compile_fn, device_index: int, slack: int) -> int:
+    """SMs × occupancy of a compiled kernel, ÷ `slack` (the fused kernel without a cooperative
+    launch: room for _STREAM_SLACK concurrent grids). Cached per (device, kernel, dtype, meta)."""
     hit = _RESIDENT.get(key)
     if hit is None:
         sms = torch.cuda.get_device_properties(device_index).multi_processor_count
         occ = _occupancy(compile_fn(), device_index)
         hit = _RESIDENT[key] = {"sms": sms, "occupancy": occ}
-    total = hit["sms"] * hit["occupancy"]
-    return total if cooperative else max(1, total // _STREAM_SLACK)
+    return max(1, hit["sms"] * hit["occupancy"] // slack)
 
 
 def decode_launch_info() -> dict:
@@ -375,30 +430,35 @@ def _workspace(device: torch.device, cap: int, kt: int):
     return ws, ctr
 
 
+DECODE_BLOCKS = ("BLOCK_M", "BLOCK_IN", "BLOCK_K", "BLOCK_N", "BLOCK_R")
+
+
 def _check_blocks(cfg):
-    for name in ("BLOCK_M", "BLOCK_IN", "BLOCK_K", "BLOCK_N", "BLOCK_R"):
+    for name in DECODE_BLOCKS:
         b = cfg[name]
         if b < 16 or b & (b - 1):
             raise ValueError(f"lowrank_linear decode config: {name}={b} must be a power of two >= 16")
+    if cfg.get("num_stages", 1) < 1:
+        raise ValueError(f"lowrank_linear decode config: num_stages={cfg['num_stages']} must be >= 1")
 
 
-def lowrank_decode(x2, V, U, bias=None, V2=None, U2=None, *, cfg, fused=True, max_programs=None,
-                   pdl=False, out=None):
-    """y [M, out] for x2 [M, in] (any strides) with the decode kernels.
+class Launch(NamedTuple):
+    """One kernel launch: `kernel[grid](*args, **meta)`."""
+    kernel: object
+    grid: int
+    args: tuple
+    meta: dict
 
-    fused=True: one launch with a grid barrier; on CUDA the grid is bounded by SMs × occupancy
-    and launched cooperatively where Triton can; off CUDA (TRITON_INTERPRET=1) only a grid of one
-    program (max_programs=1) is allowed. fused=False: shrink + expand launches; pdl=True launches
-    the expand kernel with programmatic dependent launch where supported (SM90+, Triton >= 3.4),
-    else plain two launches. max_programs caps the grid (default: the SM count on CUDA, 8 off it).
-    out: optional y [M, out] to write into (any strides).
+
+def plan_decode(x2, V, U, bias, V2, U2, y, ws, ctr, *, cfg, fused, programs, gdc=False,
+                cooperative=False) -> list[Launch]:
+    """The launches of one decode call, from shapes and strides only (no device work).
+
+    `programs`: how many programs phase 1 is split for and, fused, the grid's bound (the launcher
+    passes SMs × occupancy). Tensors may be any objects with .shape/.stride()/.dtype/.data_ptr()
+    (`inspect.compile_only` passes stand-ins), so this is the single source of the launcher's
+    specialization.
     """
-    # validate
-    _check_blocks(cfg)
-    cuda = x2.device.type == "cuda"
-    if fused and not cuda and max_programs != 1:
-        raise ValueError("lowrank_linear: the fused single-launch decode kernel needs a CUDA device "
-                         "(off CUDA, under TRITON_INTERPRET=1, only max_programs=1: a grid of one program)")
     M, IN = x2.shape
     OUT, K1 = U.shape
     K2 = 0 if V2 is None else V2.shape[1]
@@ -406,6 +466,66 @@ def lowrank_decode(x2, V, U, bias=None, V2=None, U2=None, *, cfg, fused=True, ma
     BM, BIN, BK = cfg["BLOCK_M"], cfg["BLOCK_IN"], cfg["BLOCK_K"]
     BN, BR = cfg["BLOCK_N"], cfg["BLOCK_R"]
     ieee = x2.dtype == torch.float32
+    n_m_tiles = triton.cdiv(M, BM)
+    ws_numel = n_m_tiles * BM * KT  # one of the two buffers
+    V2_, U2_ = (V, U) if V2 is None else (V2, U2)  # dummies when there is no residual pair
+
+    # split `in` so phase 1 has about one work item per program
+    n_k1_tiles = triton.cdiv(K1, BK)
+    n_k_tiles = n_k1_tiles + triton.cdiv(K2, BK)
+    n_in_blocks = triton.cdiv(IN, BIN)
+    n_splits = max(1, min(n_in_blocks, programs // (n_m_tiles * n_k_tiles)))
+    blocks_per_split = triton.cdiv(n_in_blocks, n_splits)
+    n_splits = triton.cdiv(n_in_blocks, blocks_per_split)
+    items1 = n_m_tiles * n_k_tiles * n_splits
+    items2 = n_m_tiles * triton.cdiv(OUT, BN)
+
+    shrink_sizes = (M, IN, K1, K2, KT, ws_numel, n_k1_tiles, n_k_tiles, n_splits, blocks_per_split)
+    shrink_strides = (x2.stride(0), x2.stride(1), V.stride(0), V.stride(1), V2_.stride(0), V2_.stride(1))
+    expand_strides = (U.stride(0), U.stride(1), U2_.stride(0), U2_.stride(1), y.stride(0), y.stride(1))
+    bias_ = bias if bias is not None else y
+    common = dict(HAS_BIAS=bias is not None, HAS_RES=V2 is not None, IEEE=ieee,
+                  num_warps=cfg["num_warps"], num_stages=cfg.get("num_stages", 3))
+    if fused:
+        args = (x2, V, V2_, ws, ctr, U, U2_, bias_, y,
+                M, IN, OUT, K1, K2, KT, ws_numel, n_k1_tiles, n_k_tiles, n_splits, blocks_per_split,
+                *shrink_strides, *expand_strides)
+        meta = dict(BLOCK_M=BM, BLOCK_IN=BIN, BLOCK_K=BK, BLOCK_N=BN, BLOCK_R=BR, ZBLOCK=ZBLOCK,
+                    PREFETCH_U=bool(cfg.get("PREFETCH_U", True)), **common)
+        if cooperative:
+            meta["launch_cooperative_grid"] = True
+        return [Launch(_fused_kernel, min(programs, max(items1, items2)), args, meta)]
+    shrink = Launch(_shrink_kernel, items1, (x2, V, V2_, ws, ctr, *shrink_sizes, *shrink_strides),
+                    dict(BLOCK_M=BM, BLOCK_IN=BIN, BLOCK_K=BK, ZBLOCK=ZBLOCK, USE_GDC=gdc,
+                         **{k: v for k, v in common.items() if k not in ("HAS_BIAS", "HAS_RES")}))
+    expand = Launch(_expand_kernel, items2,
+                    (ws, ctr, U, U2_, bias_, y, M, OUT, K1, K2, KT, ws_numel, *expand_strides),
+                    dict(BLOCK_M=BM, BLOCK_N=BN, BLOCK_R=BR, USE_GDC=gdc, **common,
+                         **({"launch_pdl": True} if gdc else {})))
+    return [shrink, expand]
+
+
+def lowrank_decode(x2, V, U, bias=None, V2=None, U2=None, *, cfg, fused=True, max_programs=None,
+                   pdl=False, out=None):
+    """y [M, out] for x2 [M, in] (any strides) with the decode kernels.
+
+    fused=True: one launch with a grid barrier; on CUDA the grid is SMs × occupancy of the compiled
+    kernel (halved without a cooperative launch) and launched cooperatively where Triton can; off
+    CUDA (TRITON_INTERPRET=1) only a grid of one program (max_programs=1) is allowed. fused=False:
+    shrink + expand launches; pdl=True launches the expand kernel with programmatic dependent
+    launch where supported (SM90+, Triton >= 3.4), else plain two launches. Phase 1 is split for
+    `max_programs` programs (default: SMs × occupancy on CUDA, 8 off it), which also caps the
+    fused grid. out: optional y [M, out] to write into (any strides).
+    """
+    # validate
+    _check_blocks(cfg)
+    cuda = x2.device.type == "cuda"
+    if fused and not cuda and max_programs != 1:
+        raise ValueError("lowrank_linear: the fused single-launch decode kernel needs a CUDA device "
+                         "(off CUDA, under TRITON_INTERPRET=1, only max_programs=1: a grid of one program)")
+    M = x2.shape[0]
+    OUT, K1 = U.shape
+    KT = K1 + (0 if V2 is None else V2.shape[1])
     if out is not None and (tuple(out.shape) != (M, OUT) or out.dtype != x2.dtype or out.device != x2.device):
         raise ValueError(f"lowrank_linear decode: out must be [{M}, {OUT}] {x2.dtype} on {x2.device}; "
                          f"got {tuple(out.shape)} {out.dtype} on {out.device}")
@@ -414,57 +534,29 @@ def lowrank_decode(x2, V, U, bias=None, V2=None, U2=None, *, cfg, fused=True, ma
     y = torch.empty((M, OUT), dtype=x2.dtype, device=x2.device) if out is None else out  # shape [M, out]
     if M == 0:
         return y
-    n_m_tiles = triton.cdiv(M, BM)
-    ws, ctr = _workspace(x2.device, n_m_tiles * BM, KT)  # shape [2, CAP, KT], [4]
-    ws_numel = ws[0].numel()
-    V2_, U2_ = (V, U) if V2 is None else (V2, U2)  # dummies when there is no residual pair
+    ws, ctr = _workspace(x2.device, triton.cdiv(M, cfg["BLOCK_M"]) * cfg["BLOCK_M"], KT)  # [2, CAP, KT], [4]
 
-    # grid: split `in` so phase 1 has about one work item per program
+    # grid: SMs × occupancy of the compiled kernel (cached per device, dtype and meta-parameters)
     dev = x2.device.index if x2.device.index is not None else (torch.cuda.current_device() if cuda else 0)
-    if max_programs is None:
-        max_programs = torch.cuda.get_device_properties(dev).multi_processor_count if cuda else 8
-    n_k1_tiles = triton.cdiv(K1, BK)
-    n_k_tiles = n_k1_tiles + triton.cdiv(K2, BK)
-    n_in_blocks = triton.cdiv(IN, BIN)
-    n_splits = max(1, min(n_in_blocks, max_programs // (n_m_tiles * n_k_tiles)))
-    blocks_per_split = triton.cdiv(n_in_blocks, n_splits)
-    n_splits = triton.cdiv(n_in_blocks, blocks_per_split)
-    items1 = n_m_tiles * n_k_tiles * n_splits
-    items2 = n_m_tiles * triton.cdiv(OUT, BN)
+    coop = cuda and fused and _cooperative_enabled()
+    gdc = (not fused) and bool(pdl) and cuda and pdl_supported(dev)
 
-    shrink_args = (M, IN, K1, K2, KT, ws_numel, n_k1_tiles, n_k_tiles, n_splits, blocks_per_split,
-                   x2.stride(0), x2.stride(1), V.stride(0), V.stride(1), V2_.stride(0), V2_.stride(1))
-    expand_strides = (U.stride(0), U.stride(1), U2_.stride(0), U2_.stride(1), y.stride(0), y.stride(1))
-    bias_ = bias if bias is not None else y
-    nw = cfg["num_warps"]
-    has_bias, has_res = bias is not None, V2 is not None
+    def plan(programs):
+        return plan_decode(x2, V, U, bias, V2, U2, y, ws, ctr, cfg=cfg, fused=fused, programs=programs,
+                           gdc=gdc, cooperative=coop)
+
+    if cuda:
+        sms = torch.cuda.get_device_properties(dev).multi_processor_count
+        first = plan(max_programs or sms)[0]  # the kernel whose occupancy bounds the grid
+        key = (dev, x2.dtype, first.kernel.__name__, *(cfg[b] for b in DECODE_BLOCKS), cfg["num_warps"],
+               cfg.get("num_stages", 3), bias is not None, V2 is not None, coop)
+        limit = _resident_limit(key, lambda: first.kernel.warmup(*first.args, grid=(1,), **first.meta), dev,
+                                _STREAM_SLACK if fused and not coop else 1)
+        max_programs = limit if max_programs is None else min(max_programs, limit) if fused else max_programs
+    elif max_programs is None:
+        max_programs = 8
 
     # launch
-    if fused:
-        args = (x2, V, V2_, ws, ctr, U, U2_, bias_, y,
-                M, IN, OUT, K1, K2, KT, ws_numel, n_k1_tiles, n_k_tiles, n_splits, blocks_per_split,
-                *shrink_args[10:], *expand_strides)
-        meta = dict(BLOCK_M=BM, BLOCK_IN=BIN, BLOCK_K=BK, BLOCK_N=BN, BLOCK_R=BR, ZBLOCK=ZBLOCK,
-                    HAS_BIAS=has_bias, HAS_RES=has_res, IEEE=ieee, num_warps=nw)
-        grid_n = min(max_programs, max(items1, items2))
-        if cuda:
-            coop = _cooperative_enabled()
-            if coop:
-                meta["launch_cooperative_grid"] = True
-            key = (dev, x2.dtype, BM, BIN, BK, BN, BR, nw, has_bias, has_res, coop)
-            grid_n = min(grid_n, _resident_limit(
-                key, lambda: _fused_kernel.warmup(*args, grid=(1,), **meta), dev, coop))
-        _fused_kernel[(grid_n,)](*args, **meta)
-    else:
-        gdc = bool(pdl) and cuda and pdl_supported(dev)
-        _shrink_kernel[(items1,)](
-            x2, V, V2_, ws, ctr, *shrink_args,
-            BLOCK_M=BM, BLOCK_IN=BIN, BLOCK_K=BK, ZBLOCK=ZBLOCK, IEEE=ieee, USE_GDC=gdc, num_warps=nw,
-        )
-        extra = {"launch_pdl": True} if gdc else {}
-        _expand_kernel[(items2,)](
-            ws, ctr, U, U2_, bias_, y, M, OUT, K1, K2, KT, ws_numel, *expand_strides,
-            BLOCK_M=BM, BLOCK_N=BN, BLOCK_R=BR, HAS_BIAS=has_bias, HAS_RES=has_res,
-            IEEE=ieee, USE_GDC=gdc, num_warps=nw, **extra,
-        )
+    for launch in plan(max_programs):
+        launch.kernel[(launch.grid,)](*launch.args, **launch.meta)
     return y

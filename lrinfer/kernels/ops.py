@@ -92,7 +92,7 @@ def _triton_forward(x, V, U, bias, V2, U2):
         y = prefill.lowrank_prefill(x2, V, U, bias, V2, U2, cfg=cfg)
     else:  # fused / two_launch / two_launch_pdl
         y = fused_decode.lowrank_decode(x2, V, U, bias, V2, U2, cfg=cfg, fused=method == "fused",
-                                        pdl=method == "two_launch_pdl", max_programs=configs.num_sms(dev))
+                                        pdl=method == "two_launch_pdl")  # grid: SMs × occupancy
     return y.reshape(*lead, U.shape[0])
 
 

@@ -89,25 +89,45 @@ def _check_blocks(cfg):
             raise ValueError(f"lowrank_linear prefill config: {name}={b} must be a power of two >= 16")
 
 
-def matmul(a, b, out, a2=None, b2=None, bias=None, *, cfg):
-    """out [M, N] = a [M, K] @ b [K, N] (+ a2 [M, K2] @ b2 [K2, N]) (+ bias [N]); any strides."""
+def _mm_launch(a, b, out, a2=None, b2=None, bias=None, *, cfg):
+    """The `Launch` of out [M, N] = a [M, K] @ b [K, N] (+ a2 [M, K2] @ b2 [K2, N]) (+ bias [N])."""
+    from .fused_decode import Launch
+
     M, K = a.shape
     N = b.shape[1]
     K2 = 0 if a2 is None else a2.shape[1]
     a2_, b2_ = (a, b) if a2 is None else (a2, b2)  # dummies without the second pair
     BM, BN = cfg["PM"], cfg["PN"]
-    grid = (triton.cdiv(M, BM) * triton.cdiv(N, BN),)
-    _mm_kernel[grid](
-        a, b, a2_, b2_, bias if bias is not None else out, out,
-        M, N, K, K2,
-        a.stride(0), a.stride(1), b.stride(0), b.stride(1),
-        a2_.stride(0), a2_.stride(1), b2_.stride(0), b2_.stride(1),
-        out.stride(0), out.stride(1),
-        BLOCK_M=BM, BLOCK_N=BN, BLOCK_K=cfg["PK"], GROUP_M=cfg["GROUP_M"],
-        HAS_BIAS=bias is not None, HAS_RES=a2 is not None, IEEE=a.dtype == torch.float32,
-        num_warps=cfg["p_warps"], num_stages=cfg["p_stages"],
-    )
+    grid = triton.cdiv(M, BM) * triton.cdiv(N, BN)
+    args = (a, b, a2_, b2_, bias if bias is not None else out, out,
+            M, N, K, K2,
+            a.stride(0), a.stride(1), b.stride(0), b.stride(1),
+            a2_.stride(0), a2_.stride(1), b2_.stride(0), b2_.stride(1),
+            out.stride(0), out.stride(1))
+    meta = dict(BLOCK_M=BM, BLOCK_N=BN, BLOCK_K=cfg["PK"], GROUP_M=cfg["GROUP_M"],
+                HAS_BIAS=bias is not None, HAS_RES=a2 is not None, IEEE=a.dtype == torch.float32,
+                num_warps=cfg["p_warps"], num_stages=cfg["p_stages"])
+    return Launch(_mm_kernel, grid, args, meta)
+
+
+def matmul(a, b, out, a2=None, b2=None, bias=None, *, cfg):
+    """out [M, N] = a [M, K] @ b [K, N] (+ a2 [M, K2] @ b2 [K2, N]) (+ bias [N]); any strides."""
+    launch = _mm_launch(a, b, out, a2, b2, bias, cfg=cfg)
+    launch.kernel[(launch.grid,)](*launch.args, **launch.meta)
     return out
+
+
+def plan_prefill(x2, V, U, bias, V2, U2, y, t, *, cfg):
+    """The launches of one prefill call (shapes and strides only; `inspect.compile_only` uses it):
+    shrink x V -> t[:, :k] (and x V2 -> t[:, k:]), then expand with bias and residual fused."""
+    K1 = U.shape[1]
+    t1, t2 = t[:, :K1], t[:, K1:]  # shape [M, k], [M, k2]
+    launches = [_mm_launch(x2, V, t1, cfg=cfg)]
+    if V2 is not None:
+        launches.append(_mm_launch(x2, V2, t2, cfg=cfg))
+    launches.append(_mm_launch(t1, U.t(), y, a2=t2 if V2 is not None else None,
+                               b2=U2.t() if U2 is not None else None, bias=bias, cfg=cfg))
+    return launches
 
 
 def lowrank_prefill(x2, V, U, bias=None, V2=None, U2=None, *, cfg):
@@ -122,12 +142,8 @@ def lowrank_prefill(x2, V, U, bias=None, V2=None, U2=None, *, cfg):
     t = torch.empty((M, K1 + K2), dtype=x2.dtype, device=x2.device)  # shape [M, k + k2]
     if M == 0:
         return y
-    t1, t2 = t[:, :K1], t[:, K1:]  # shape [M, k], [M, k2]
 
     # launch: shrink (one GEMM per factor), then expand with bias + residual fused
-    matmul(x2, V, t1, cfg=cfg)
-    if V2 is not None:
-        matmul(x2, V2, t2, cfg=cfg)
-    matmul(t1, U.t(), y, a2=t2 if V2 is not None else None, b2=U2.t() if U2 is not None else None,
-           bias=bias, cfg=cfg)
+    for launch in plan_prefill(x2, V, U, bias, V2, U2, y, t, cfg=cfg):
+        launch.kernel[(launch.grid,)](*launch.args, **launch.meta)
     return y

@@ -38,10 +38,11 @@ def test_decode_kernels_compile(arch, dtype):
     from lrinfer.kernels import fused_decode as fd
 
     consts = dict(BLOCK_M=16, BLOCK_IN=128, BLOCK_K=64, BLOCK_N=32, BLOCK_R=64, ZBLOCK=fd.ZBLOCK,
-                  HAS_BIAS=True, HAS_RES=True, IEEE=dtype == "*fp32", USE_GDC=False)
+                  HAS_BIAS=True, HAS_RES=True, IEEE=dtype == "*fp32", USE_GDC=False, PREFETCH_U=True)
     for kern in (fd._fused_kernel, fd._shrink_kernel, fd._expand_kernel):
         out = _compile(kern, dtype, consts, arch, num_warps=4)
-        assert "atom" in out.asm["ptx"]
+        ptx = out.asm["ptx"]
+        assert "atom." in ptx or "red." in ptx  # split-K adds are relaxed reductions (red.*)
         assert "griddepcontrol" not in out.asm["ptx"]
         assert out.metadata.shared <= 96 * 1024
 
@@ -53,7 +54,7 @@ def test_pdl_kernels_compile_sm90():
     if not fd.launch_features()["pdl"]:
         pytest.skip(f"triton {triton.__version__} has no launch_pdl / gdc_wait")
     consts = dict(BLOCK_M=16, BLOCK_IN=128, BLOCK_K=64, BLOCK_N=32, BLOCK_R=64, ZBLOCK=fd.ZBLOCK,
-                  HAS_BIAS=True, HAS_RES=False, IEEE=False, USE_GDC=True)
+                  HAS_BIAS=True, HAS_RES=False, IEEE=False, USE_GDC=True, PREFETCH_U=True)
     shrink = _compile(fd._shrink_kernel, "*bf16", consts, 90, num_warps=4)
     expand = _compile(fd._expand_kernel, "*bf16", consts, 90, num_warps=4)
     assert "griddepcontrol.launch_dependents" in shrink.asm["ptx"]

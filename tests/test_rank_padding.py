@@ -1,0 +1,72 @@
+"""Ranks the kernels cannot load with 16-byte rows are zero-padded at load (`LowRankLinear`).
+
+Padding happens on the devices in `lrinfer.nn.PAD_DEVICE_TYPES` (CUDA); here CPU is added to it
+so the same code runs on this machine.
+"""
+from __future__ import annotations
+
+import pytest
+import torch
+
+import lrinfer
+from lrinfer import nn as lnn
+from lrinfer.factors import FactorPair, rank_for_ratio
+from lrinfer.kernels import configs, lowrank_linear_reference
+
+
+@pytest.fixture
+def pad_on_cpu(monkeypatch):
+    monkeypatch.setattr(lnn, "PAD_DEVICE_TYPES", {"cuda", "cpu"})
+
+
+def _pair(i, o, k, k2, dtype=torch.float32):
+    g = torch.Generator().manual_seed(torch.seed() % 2**31)
+    r = lambda *s: torch.randn(*s, generator=g, dtype=torch.float64).to(dtype)  # noqa: E731
+    return FactorPair(r(o, k), r(i, k), r(o, k2) if k2 else None, r(i, k2) if k2 else None)
+
+
+def test_compress_default_rank_multiple_is_the_kernels_alignment():
+    assert lrinfer.CompressConfig().rank_multiple == configs.RANK_ALIGN == 16
+    assert rank_for_ratio(4096, 11008, 0.4, lrinfer.CompressConfig().rank_multiple) % 16 == 0
+
+
+@pytest.mark.parametrize("k, k2", [(37, 0), (1784 // 8, 5), (48, 0), (24, 16)])
+def test_padded_factors_exact(pad_on_cpu, k, k2):
+    i, o = 40, 56
+    pair = _pair(i, o, k, k2)
+    m = lnn.LowRankLinear.from_factors(pair, torch.randn(o, dtype=torch.float64).float())
+    # the parameters, rank and state dict keep k; the kernels get aligned views over zero columns
+    assert (m.rank, m.rank2) == (k, k2)
+    assert m.state_dict()["V"].shape == (i, k) and m.state_dict()["U"].shape == (o, k)
+    for p, want in ((m.V, i), (m.U, o), (m.V2, i), (m.U2, o)):
+        if p is None:
+            continue
+        wide = lnn.kernel_view(p)
+        assert wide.shape == (want, configs.aligned_rank(p.shape[1]))
+        assert torch.equal(wide[:, :p.shape[1]], p)
+        assert not wide[:, p.shape[1]:].any(), "padding columns are zero"
+    torch.testing.assert_close(m.factors().dense(), pair.dense())
+    # the op on the padded views equals the unpadded math (float64 reference, fresh inputs)
+    x = torch.randn(3, i)
+    views = [lnn.kernel_view(t) for t in (m.V, m.U, m.V2, m.U2)]
+    y = torch.ops.lrinfer.lowrank_linear(x, views[0], views[1], m.bias, views[2], views[3])
+    ref = lowrank_linear_reference(x.double(), pair.V.double(), pair.U.double(), m.bias.double(),
+                                   None if pair.V2 is None else pair.V2.double(),
+                                   None if pair.U2 is None else pair.U2.double())
+    torch.testing.assert_close(y.double(), ref, rtol=1e-5, atol=1e-4)
+
+
+def test_padding_survives_to_and_load_state_dict(pad_on_cpu):
+    pair = _pair(32, 24, 21, 3)
+    m = lnn.LowRankLinear.from_factors(pair)
+    m2 = m.to(torch.float64)  # a dtype move builds new storage: padded again
+    assert lnn.kernel_view(m2.V).shape == (32, 32) and not lnn.kernel_view(m2.V)[:, 21:].any()
+    fresh = lnn.LowRankLinear(32, 24, 21, 3, device="meta")
+    fresh.load_state_dict({k: v.float().contiguous() for k, v in m2.state_dict().items()}, assign=True)
+    assert lnn.kernel_view(fresh.U).shape == (24, 32)
+    torch.testing.assert_close(fresh.dense_weight(), pair.dense())
+
+
+def test_no_padding_off_the_pad_devices():
+    m = lnn.LowRankLinear.from_factors(_pair(32, 24, 21, 0))
+    assert m.V.is_contiguous() and lnn.kernel_view(m.V).shape == (32, 21)
