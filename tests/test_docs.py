@@ -227,7 +227,11 @@ def _script_parse(path: Path):
     try:
         spec = importlib.util.spec_from_file_location(f"_docs_{path.stem}", path)
         module = importlib.util.module_from_spec(spec)
-        spec.loader.exec_module(module)
+        sys.modules[spec.name] = module      # dataclasses look their module up while the class is built
+        try:
+            spec.loader.exec_module(module)
+        finally:
+            del sys.modules[spec.name]
     finally:
         sys.path[:] = saved
 

@@ -4,11 +4,10 @@ docs/dependencies.md says how the pins are made and bumped (.ci/bump.py)."""
 from __future__ import annotations
 
 import re
+import tomllib
 from pathlib import Path
 
 import pytest
-
-tomllib = pytest.importorskip("tomllib")   # Python >= 3.11
 
 REPO = Path(__file__).resolve().parents[1]
 # what the issue that introduced the pins asked to be pinned, at least
