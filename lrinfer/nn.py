@@ -15,11 +15,13 @@ _FACTORS = ("V", "U", "V2", "U2")
 
 
 def _is_padded(p: torch.Tensor) -> bool:
-    """p [rows, k] is the leading view of a zero-padded [rows, aligned(k)] buffer (`_pad`)."""
-    rows, k = p.shape
-    kp = _aligned(k)
-    return (kp == k or (p.stride() == (kp, 1) and p.storage_offset() == 0
-                        and p.untyped_storage().nbytes() >= rows * kp * p.element_size()))
+    """p [rows, k] needs no padding, or is the leading view of the zero-padded buffer `_pad` made.
+
+    Marked by `_pad` itself, never inferred from strides: a slice of a wider tensor (e.g. V of
+    [V|V2] stored side by side) has the same strides, but its next columns are not zero."""
+    kp = _aligned(p.shape[1])
+    return kp == p.shape[1] or (getattr(p, "_lrinfer_zero_padded", None) == p.untyped_storage().data_ptr()
+                                and p.stride() == (kp, 1))   # the mark is the buffer's: `.data = ...` drops it
 
 
 def _pad(p: nn.Parameter) -> nn.Parameter:
@@ -34,7 +36,9 @@ def _pad(p: nn.Parameter) -> nn.Parameter:
     buf = torch.zeros(rows, _aligned(k), dtype=p.dtype, device=p.device)
     with torch.no_grad():
         buf[:, :k].copy_(p)
-    return nn.Parameter(buf[:, :k], requires_grad=p.requires_grad)
+    out = nn.Parameter(buf[:, :k], requires_grad=p.requires_grad)
+    out._lrinfer_zero_padded = buf.untyped_storage().data_ptr()
+    return out
 
 
 def kernel_view(p: torch.Tensor | None) -> torch.Tensor | None:

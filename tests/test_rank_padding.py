@@ -70,3 +70,20 @@ def test_padding_survives_to_and_load_state_dict(pad_on_cpu):
 def test_no_padding_off_the_pad_devices():
     m = lnn.LowRankLinear.from_factors(_pair(32, 24, 21, 0))
     assert m.V.is_contiguous() and lnn.kernel_view(m.V).shape == (32, 21)
+
+
+def test_a_slice_of_a_wider_tensor_is_padded_not_widened(pad_on_cpu):
+    """V and V2 cut from one [in, k + k2] tensor with k + k2 = aligned(k): the strides look like
+    padding, but the next columns hold V2. They must be copied into zero padding, never widened over."""
+    i, o, k, k2 = 40, 56, 21, 11   # 21 + 11 = 32 = aligned(21)
+    g = torch.Generator().manual_seed(torch.seed() % 2**31)
+    VV = torch.randn(i, k + k2, generator=g, dtype=torch.float64)
+    UU = torch.randn(o, k + k2, generator=g, dtype=torch.float64)
+    m = lnn.LowRankLinear(i, o, k, k2, dtype=torch.float64)
+    for name, t in (("V", VV[:, :k]), ("U", UU[:, :k]), ("V2", VV[:, k:]), ("U2", UU[:, k:])):
+        setattr(m, name, torch.nn.Parameter(t))
+    views = [lnn.kernel_view(t) for t in (m.V, m.U, m.V2, m.U2)]
+    assert not views[0][:, k:].any() and not views[1][:, k:].any()
+    x = torch.randn(3, i, generator=g, dtype=torch.float64)
+    y = torch.ops.lrinfer.lowrank_linear(x, *views[:2], None, *views[2:])
+    torch.testing.assert_close(y, x @ VV @ UU.T)
