@@ -722,6 +722,21 @@ def _fill_rank0(y, bias):
     return y
 
 
+def _decide_cooperative(fused: bool, cuda: bool, dev: int, capturing: bool) -> tuple[bool, bool]:
+    """(fused, cooperative) for a call that asked for `fused`: cooperative where Triton can and the
+    driver has not refused it on this device (eager / capture), under capture only once
+    `probe_capture` passed; a fused call that wanted a cooperative launch and may not have one
+    becomes two launches (the caller adds PDL). Without cooperative launch in Triton at all, the
+    fused kernel keeps its halved-grid guard (module doc)."""
+    want = fused and cuda and _cooperative_enabled()
+    coop = want and not cooperative_refused(dev, capturing)
+    if coop and not capturing and dev not in _CAPTURE_COOP:
+        probe_capture(dev)  # once per device, before any capture can need the answer
+    if coop and capturing:
+        coop = _CAPTURE_COOP.get(dev, False)
+    return (fused and (coop or not want)), coop
+
+
 def lowrank_decode(x2, V, U, bias=None, V2=None, U2=None, *, cfg, fused=True, max_programs=None,
                    pdl=False, out=None, cooperative=None, fallback=True):
     """y [M, out] for x2 [M, in] (any strides) with the decode kernels.
@@ -769,14 +784,8 @@ def lowrank_decode(x2, V, U, bias=None, V2=None, U2=None, *, cfg, fused=True, ma
     dev = x2.device.index if x2.device.index is not None else (torch.cuda.current_device() if cuda else 0)
     capturing = ws_key[2] is not None
     if cooperative is None:
-        want = fused and cuda and _cooperative_enabled()
-        cooperative = want and not cooperative_refused(dev, capturing)
-        if cooperative and not capturing and dev not in _CAPTURE_COOP:
-            probe_capture(dev)  # once per device, before any capture can need the answer
-        if cooperative and capturing:
-            cooperative = _CAPTURE_COOP.get(dev, False)
-        if want and not cooperative:  # refused here before, or not proven under capture
-            fused, pdl = False, True
+        fused, cooperative = _decide_cooperative(fused, cuda, dev, capturing)
+        pdl = pdl or not fused
     coop = fused and bool(cooperative)
     can_pdl = cuda and pdl_supported(dev)
     gdc = (not fused) and bool(pdl) and can_pdl
