@@ -871,7 +871,7 @@ def lowrank_grouped_decode(x2, V, U, bias, ranks, outs, *, cfg, pdl=True, max_pr
     strides), U packed contiguous 1-D, bias [Σ out_i] contiguous or None. Shard i's output columns
     are written in place (out: optional y to write into, any strides). pdl: the expand launches use
     programmatic dependent launch where supported. Phase 1 is split for `max_programs` programs
-    (default: the SM count on CUDA, 8 off it). Needs ranks >= 1 (the op checks)."""
+    (default: SMs × occupancy of the shrink kernel on CUDA, 8 off it). Needs ranks >= 1 (the op checks)."""
     _check_blocks(cfg)
     M = x2.shape[0]
     n_out = sum(outs)
@@ -887,9 +887,16 @@ def lowrank_grouped_decode(x2, V, U, bias, ranks, outs, *, cfg, pdl=True, max_pr
     ws, ctr = _workspace(x2.device, cap, KT, ws_key)
     cuda = x2.device.type == "cuda"
     dev = x2.device.index if x2.device.index is not None else (torch.cuda.current_device() if cuda else 0)
-    if max_programs is None:
-        max_programs = torch.cuda.get_device_properties(dev).multi_processor_count if cuda else 8
     gdc = bool(pdl) and cuda and pdl_supported(dev)
-    _run(plan_grouped(x2, V, U, bias, list(ranks), list(outs), y, ws, ctr, cfg=cfg, programs=max_programs,
-                      gdc=gdc), ws_key)
+
+    def plan(programs):
+        return plan_grouped(x2, V, U, bias, list(ranks), list(outs), y, ws, ctr, cfg=cfg, programs=programs, gdc=gdc)
+
+    if max_programs is None and cuda:  # phase 1 split for SMs × occupancy of the shrink kernel
+        shrink = plan(torch.cuda.get_device_properties(dev).multi_processor_count)[0]
+        key = (dev, x2.dtype, "_shrink_kernel", *(cfg[b] for b in DECODE_BLOCKS), cfg["num_warps"],
+               cfg.get("num_stages", 3), False, False, False)
+        max_programs = _resident_limit(key, lambda: shrink.kernel.warmup(*shrink.args, grid=(1,), **shrink.meta),
+                                       dev, 1)
+    _run(plan(max_programs or 8), ws_key)
     return y
