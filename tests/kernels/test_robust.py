@@ -182,3 +182,25 @@ def test_cooperative_decision(fd, monkeypatch):
     assert decide(False, True, 2, False) == (False, False) and decide(True, False, 2, False) == (True, False)
     monkeypatch.setattr(fd, "_cooperative_enabled", lambda: False)  # no cooperative launch in Triton
     assert decide(True, True, 3, True) == (True, False)
+
+
+def test_warmup_runs_every_shape_dtype_and_bucket(fd, monkeypatch):
+    """`lrinfer.kernels.warmup` launches the kernels of every (shape, dtype, M) through the real
+    dispatch (device layer mocked, interpreted kernels); cuBLAS buckets run the torch path."""
+    from lrinfer.kernels import warmup
+
+    monkeypatch.setattr(ops, "_use_triton", lambda x: x.dtype in (torch.float16, torch.float32))
+    monkeypatch.setattr(ops, "_device_index", lambda x: 0)
+    monkeypatch.setattr(configs, "device_slug", lambda i: "")
+    monkeypatch.setattr(ops, "fused_decode", fd)
+    monkeypatch.setattr(configs, "get_config", lambda m, *a: dict(CFG, method="two_launch_pdl" if m <= 16 else "torch"))
+    shapes = [(64, 40, 16), (48, 24, 16, 8, True), {"in": 64, "ranks": [16, 8], "outs": [32, 16]}]
+    recs = warmup(shapes, dtypes=(torch.float32, torch.float16), m_buckets=(1, 4, 64), device="cpu")
+    assert len(recs) == 3 * 2 * 3
+    assert [r["method"] for r in recs] == ["two_launch_pdl", "two_launch_pdl", "torch"] * 6
+    names = [n for n, _ in fd.launched]
+    assert names.count("_expand_kernel") == 2 * 2 * 2 and names.count("_grouped_expand_kernel") == 2 * 2
+    assert names.count("_shrink_kernel") == 3 * 2 * 2
+    from lrinfer.errors import LrinferError
+    with pytest.raises(LrinferError, match="is not"):
+        warmup([(1, 2)], device="cpu")
