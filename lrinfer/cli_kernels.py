@@ -27,8 +27,11 @@ def add_parser(sub) -> None:
     ki.add_argument("--dtype", default="bfloat16", choices=["bfloat16", "float16", "float32"])
     ki.add_argument("--arch", default="sm_90", choices=["sm_80", "sm_90"])
     ki.add_argument("--method", default="auto",
-                    help="fused, two_launch, two_launch_pdl, triton (prefill), a comma list, or auto: the "
-                         "configured method for --m (prefill when that is cuBLAS)")
+                    help="fused, two_launch, two_launch_pdl, triton (prefill), grouped (with --outs), a comma "
+                         "list, or auto: the configured method for --m (prefill when that is cuBLAS)")
+    ki.add_argument("--outs", default=None,
+                    help="grouped: the shards' output features, e.g. 4096,1024,1024 (qkv); each shard's rank "
+                         "is --ratio's (or --rank) for its own in x out_i; --out is ignored")
     ki.add_argument("--config", default=None, help='JSON object of config overrides, e.g. \'{"BLOCK_R": 64}\'')
     ki.add_argument("--bias", action="store_true", help="the layer has a bias")
     ki.add_argument("--dump", default=None, metavar="DIR",
@@ -76,9 +79,19 @@ def cmd_kernels(args) -> dict:
         methods = [m.strip() for m in args.method.split(",") if m.strip()]
     arch = int(args.arch.removeprefix("sm_"))
     results, written = [], []
+    groups = None
+    if "grouped" in methods:
+        try:
+            outs = [int(o) for o in (args.outs or "").split(",") if o.strip()]
+        except ValueError:
+            outs = []
+        if not outs:
+            raise LrinferError("kernels inspect: --method grouped needs --outs, e.g. --outs 4096,1024,1024")
+        groups = [(o, configs.aligned_rank(_rank(argparse.Namespace(**{**vars(args), "out_features": o}))))
+                  for o in outs]
     for method in methods:
         insp = compile_only(method, args.dtype, args.in_features, args.out_features, k1, k2, args.m,
-                            overrides, arch, bias=args.bias)
+                            overrides, arch, bias=args.bias, groups=groups if method == "grouped" else None)
         results.append(insp)
         if args.dump:
             written += [str(f) for f in insp.dump(Path(args.dump) / method)]
@@ -111,7 +124,13 @@ def print_report(report: dict) -> None:
                   f"TMA {s['tma']}, ATOM {s['atom']}, RED {s['red']}, MEMBAR {s['membar']}, CCTL {s['cctl']}, "
                   f"local {s['local']}, MMA {s['mma']}")
         est = insp["estimate"]
-        if est:
+        if est and insp["method"] == "grouped":
+            print(f"  {est['label']}:")
+            for g in ("h100", "h200"):
+                e = est[g]
+                print(f"    {g.upper()}: {e['us']:.1f} µs vs {e['separate_us']:.1f} µs for {len(insp['shape']['groups'])} "
+                      f"separate calls + cat: {e['speedup_vs_separate']:.2f}x")
+        elif est:
             print(f"  {est['label']}:")
             for g in ("h100", "h200"):
                 e = est[g]

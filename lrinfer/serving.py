@@ -97,24 +97,37 @@ def expand_reduced(shard: LowRankLinear, t: torch.Tensor) -> torch.Tensor:
 
 
 def _grouped_check(x, V, U, bias, ranks, outs) -> None:
-    """Raise ValueError on operands that do not fit `lowrank_linear_grouped` (names the offender)."""
+    """Raise LrinferError (one line: the offender and the fix) on operands that do not fit
+    `lowrank_linear_grouped`."""
+    from .errors import LrinferError
+
     what = "lowrank_linear_grouped"
     if len(ranks) != len(outs) or not ranks:
-        raise ValueError(f"{what}: ranks {list(ranks)} and outs {list(outs)} must be non-empty and of one length")
+        raise LrinferError(f"{what}: ranks {list(ranks)} and outs {list(outs)} must be non-empty and of one "
+                           "length (one entry per shard)")
     if any(k < 1 for k in ranks) or any(o < 0 for o in outs):
-        raise ValueError(f"{what}: every rank must be >= 1 and every out >= 0; got {list(ranks)}, {list(outs)}")
+        raise LrinferError(f"{what}: every rank must be >= 1 and every out >= 0; got {list(ranks)}, {list(outs)}")
     if V.dim() != 2 or V.shape[1] != sum(ranks):
-        raise ValueError(f"{what}: V must be [in, sum(ranks)] = [*, {sum(ranks)}]; got {tuple(V.shape)}")
+        raise LrinferError(f"{what}: V must be [in, sum(ranks)] = [*, {sum(ranks)}]; got {tuple(V.shape)}")
     if x.dim() < 1 or x.shape[-1] != V.shape[0]:
-        raise ValueError(f"{what}: x has {x.shape[-1] if x.dim() else '?'} features but V has {V.shape[0]} rows")
+        raise LrinferError(f"{what}: x has {x.shape[-1] if x.dim() else '?'} features but V has {V.shape[0]} "
+                           "rows; x [..., in] needs V [in, sum(ranks)]")
     need = sum(k * o for k, o in zip(ranks, outs))
     if U.dim() != 1 or U.shape[0] != need:
-        raise ValueError(f"{what}: U must be the packed 1-D [sum(out_i * k_i)] = [{need}]; got {tuple(U.shape)}")
+        raise LrinferError(f"{what}: U must be the packed 1-D [sum(out_i * k_i)] = [{need}]; got {tuple(U.shape)} "
+                           "(build it with pack_grouped)")
     if bias is not None and (bias.dim() != 1 or bias.shape[0] != sum(outs)):
-        raise ValueError(f"{what}: bias must be [sum(outs)] = [{sum(outs)}]; got {tuple(bias.shape)}")
+        raise LrinferError(f"{what}: bias must be [sum(outs)] = [{sum(outs)}]; got {tuple(bias.shape)}")
+    for name, t in (("U", U), ("bias", bias)):
+        if t is not None and t.numel() > 1 and t.stride(0) != 1:
+            raise LrinferError(f"{what}: {name} must be contiguous (stride 1, got {t.stride(0)}); pass "
+                               f"{name}.contiguous() or build the operands with pack_grouped")
+    if not x.dtype.is_floating_point:
+        raise LrinferError(f"{what}: x has dtype {x.dtype}; expected a floating dtype")
     for name, t in (("V", V), ("U", U), ("bias", bias)):
         if t is not None and (t.dtype != x.dtype or t.device != x.device):
-            raise ValueError(f"{what}: {name} is {t.dtype} on {t.device} but x is {x.dtype} on {x.device}; all must match")
+            raise LrinferError(f"{what}: {name} is {t.dtype} on {t.device} but x is {x.dtype} on {x.device}; "
+                               "all must match (cast or move them together)")
 
 
 def _grouped_views(V, U, ranks, outs):
@@ -145,11 +158,11 @@ def _lowrank_linear_grouped_op(x: torch.Tensor, V: torch.Tensor, U: torch.Tensor
                                ranks: list[int], outs: list[int]) -> torch.Tensor:
     from .kernels import ops
     if ops._use_triton(x):
-        # Until lrinfer/kernels has a grouped kernel: each shard through the tuned single-linear path
-        # (S kernel launches inside this one op; see docs/serving.md).
-        from .kernels import lowrank_linear
-        return torch.cat([lowrank_linear(x, Vi, Ui, None if bias is None else bias[o0:o0 + Ui.shape[0]])
-                          for _, o0, Vi, Ui in _grouped_views(V, U, ranks, outs)], dim=-1)
+        # decode M: the grouped kernel pair (one shrink over [V_0|...], one expand writing each shard's
+        # columns); other M: None, then the torch math below (one shrink GEMM, one GEMM per shard)
+        y = ops.grouped_forward(x, V, U, bias, ranks, outs)
+        if y is not None:
+            return y
     return lowrank_linear_grouped_reference(x, V, U, bias, ranks, outs)
 
 

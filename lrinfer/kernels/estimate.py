@@ -133,3 +133,41 @@ def estimate_inspection(insp, gpus=("h100", "h200")) -> dict:
         out[g] = {**est, "gpu": gpu.name, "needed_in_flight_per_sm": gpu.needed_in_flight_per_sm(),
                   "dense_bytes": dense_bytes, "dense_us": dense, "speedup_vs_dense": dense / est["us"]}
     return out
+
+
+CALL_OVERHEAD_S = 3.0e-6      # one op call from Python (dispatch, launch of its first kernel)
+
+
+def estimate_grouped(insp, singles, gpus=("h100", "h200")) -> dict:
+    """ESTIMATE of the grouped op (one shrink over Σk, one expand over every shard) beside S separate
+    calls (`singles`: the per-shard two-launch inspections) plus torch.cat of their outputs.
+
+    Grouped: the decode model above for the shrink (KT = Σk) and the launch gap; the expand moves
+    Σ out_i·k_i weights over Σ ceil(out_i / BLOCK_N) items per m tile; one call overhead.
+    Separate: Σ over shards of (model + call overhead), plus the cat (reads and writes
+    M · Σ out_i elements) and its launch gap."""
+    from types import SimpleNamespace
+
+    e = 4 if insp.dtype == "float32" else 2
+    method = "two_launch_pdl" if insp.arch >= 90 else "two_launch"
+    as_two = SimpleNamespace(config=insp.config, shape=insp.shape, dtype=insp.dtype, method=method,
+                             kernels=insp.kernels[:2])
+    out = {"label": LABEL + "; grouped vs S separate calls + torch.cat", "latency_ns": LATENCY_S * 1e9}
+    M, n_out = insp.shape["m"], insp.shape["out"]
+    for g in gpus:
+        gpu = GPUS[g]
+        d = _decode(as_two, gpu)
+        c, groups = insp.config, insp.shape["groups"]
+        m_tiles = -(-M // c["BLOCK_M"])
+        items2 = m_tiles * sum(-(-o // c["BLOCK_N"]) for o, _ in groups)
+        u_bytes = sum(o * kk for o, kk in groups) * e
+        ex = insp.kernels[1]
+        f2 = c["BLOCK_R"] * c["BLOCK_N"] * e * (c.get("num_stages", 3) - 1 if _pipelined(ex) and
+                                                c.get("num_stages", 3) > 1 else 1)
+        t2 = _rounds_time(items2, ex.grid, u_bytes * m_tiles / items2, f2, gpu) * 1e6
+        grouped = d["phase_us"]["shrink"] + d["phase_us"]["sync"] + t2 + CALL_OVERHEAD_S * 1e6
+        separate = sum(_decode(s, gpu)["us"] + CALL_OVERHEAD_S * 1e6 for s in singles)
+        cat = 2 * M * n_out * e / gpu.bandwidth * 1e6 + LAUNCH_GAP_S["two_launch"] * 1e6
+        out[g] = {"gpu": gpu.name, "us": grouped, "phase_us": {**d["phase_us"], "expand": t2}, "separate_us": separate + cat, "cat_us": cat,
+                  "saving_us": separate + cat - grouped, "speedup_vs_separate": (separate + cat) / grouped}
+    return out

@@ -49,6 +49,34 @@ Workspace protocol (no host syncs, CUDA-graph safe, no memset launch):
     ctr  int32 [4]          [barrier arrivals, finish arrivals, epoch, unused]
 The buffer `epoch` is used by this call while every program zeroes its share of the other
 one (all zero on entry); the last program to finish resets the counters and flips `epoch`.
+Workspaces are keyed by (device, stream, capture, CAP, KT): `capture` is None for eager calls and
+the CUDA stream-capture id while a graph is being captured, so a captured graph owns its buffers
+(allocated, and zero-filled by a node of the graph, on its first use in that capture) and never
+shares them with eager calls or with another graph, whatever stream it is later replayed on.
+Within one stream (or one graph) calls run in order, so they may share a workspace.
+
+After a failed launch (any exception from the launch layer, `_launch_kernel`) the workspace of
+that call is dropped from the cache: a shrink that ran before a failed expand leaves t in buffer
+`epoch`, so the zero-on-entry invariant no longer holds; the next call allocates fresh zeroed
+buffers and counters instead of ever reading corrupt ones.
+
+Refused cooperative launch (`is_cooperative_refusal`: the grid exceeds what the driver can make
+co-resident, MPS, a stream capture that does not take cooperative launches): the fused call is
+re-planned as two_launch_pdl (plain two_launch where PDL is unavailable) on a fresh workspace,
+with ONE warning on the "lrinfer.kernels" logger per (device, eager/capture); later calls of that
+kind skip the cooperative attempt. A refusal inside a capture may invalidate the capture itself
+(CUDA semantics), so `warmup.warmup()` probes a captured cooperative launch first.
+
+Rank 0 (k = k2 = 0): y = bias (or zeros), no launch. A pair with rank 0 is dropped.
+
+Grouped (vLLM's fused qkv / gate_up, `lowrank_grouped_decode`): S linears on the same x, V =
+[V_0|...|V_{S-1}] [in, Σk], U the packed 1-D [Σ out_i·k_i]. ONE `_shrink_kernel` launch computes
+t = x V [M, Σk] (x read by one kernel, not S), then `_grouped_expand_kernel` (up to
+GROUP_MAX = 4 shards per launch) gives each work item (m tile, n tile of shard i) y[:, o_i + n
+tile] = t[:, k segment of i] U_iᵀ (+ bias), written straight into its columns of y (no cat). The
+workspace protocol is the one above with KT = Σk; only the last expand launch finishes (resets
+the counters, flips the epoch).
+
 Kernels use only builtins of triton.language (no tl.cdiv / tl.zeros, which are themselves
 @triton.jit library functions), so a copy of this module imported with TRITON_INTERPRET=1
 runs in the interpreter even when triton was imported without it (see tests/kernels/conftest.py).
@@ -57,6 +85,7 @@ from __future__ import annotations
 
 import ctypes
 import functools
+import logging
 import os
 from typing import NamedTuple
 
@@ -65,6 +94,8 @@ import triton
 import triton.language as tl
 
 ZBLOCK = 1024  # elements each program zeroes per step
+GROUP_MAX = 4  # shards one grouped expand launch serves
+log = logging.getLogger("lrinfer.kernels")
 
 
 @triton.jit
@@ -321,6 +352,69 @@ def _fused_kernel(
     _finish(ctr_ptr, n_prog)
 
 
+@triton.jit
+def _grouped_shard(ws_ptr, u_ptr, bias_ptr, y_ptr, M, KT, stride_ym, stride_yn,
+                   item, n_items, out_i, k_i, kc_i, uo_i, yo_i,
+                   BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_R: tl.constexpr,
+                   HAS_BIAS: tl.constexpr, IEEE: tl.constexpr):
+    """Work item `item` (of n_items) of shard i: y[:, yo_i + n tile] = t[:, kc_i : kc_i + k_i] U_iᵀ
+    (+ bias[yo_i + n tile]), U_i = u[uo_i : uo_i + out_i·k_i] viewed [out_i, k_i] row-major."""
+    _expand_phase(ws_ptr + kc_i, u_ptr + uo_i, u_ptr + uo_i, bias_ptr + yo_i, y_ptr + yo_i * stride_yn,
+                  M, out_i, k_i, 0, KT, k_i, 1, k_i, 1, stride_ym, stride_yn,
+                  item, n_items, 0.0, BLOCK_M, BLOCK_N, BLOCK_R, HAS_BIAS, False, IEEE, False)
+
+
+@triton.jit
+def _grouped_expand_kernel(
+    ws_ptr, ctr_ptr, u_ptr, bias_ptr, y_ptr,
+    M, KT, ws_numel, stride_ym, stride_yn,
+    lo1, lo2, lo3, n_items,
+    out0, out1, out2, out3, k0, k1, k2, k3, kc0, kc1, kc2, kc3, uo0, uo1, uo2, uo3, yo0, yo1, yo2, yo3,
+    NUM_SHARDS: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_R: tl.constexpr,
+    HAS_BIAS: tl.constexpr, IEEE: tl.constexpr, USE_GDC: tl.constexpr, FINISH: tl.constexpr,
+):
+    """Expand of up to GROUP_MAX shards, one work item per program. Program pid serves shard
+    s = #{lo_j <= pid} (items [lo_s, lo_{s+1})), item pid − lo_s of it. Per shard: out_s rows of U,
+    rank k_s, its t columns from kc_s, its U from element uo_s, its y columns from yo_s (all plain
+    integer arguments, so Triton's divisibility specialization sees them and U loads stay 16-byte).
+    USE_GDC: PDL-launched, waits for the shrink kernel. FINISH: the call's last expand launch."""
+    if USE_GDC:
+        tl.extra.cuda.gdc_wait()
+    pid = tl.program_id(0)
+    e = tl.load(ctr_ptr + 2)
+    ws = ws_ptr + e * ws_numel
+    # constexpr branches: only the shards this launch has are compiled
+    if NUM_SHARDS == 1:
+        _grouped_shard(ws, u_ptr, bias_ptr, y_ptr, M, KT, stride_ym, stride_yn, pid, n_items,
+                       out0, k0, kc0, uo0, yo0, BLOCK_M, BLOCK_N, BLOCK_R, HAS_BIAS, IEEE)
+    else:
+        if pid < lo1:
+            _grouped_shard(ws, u_ptr, bias_ptr, y_ptr, M, KT, stride_ym, stride_yn, pid, lo1,
+                           out0, k0, kc0, uo0, yo0, BLOCK_M, BLOCK_N, BLOCK_R, HAS_BIAS, IEEE)
+        else:
+            if NUM_SHARDS == 2:
+                _grouped_shard(ws, u_ptr, bias_ptr, y_ptr, M, KT, stride_ym, stride_yn, pid - lo1, n_items - lo1,
+                               out1, k1, kc1, uo1, yo1, BLOCK_M, BLOCK_N, BLOCK_R, HAS_BIAS, IEEE)
+            else:
+                if pid < lo2:
+                    _grouped_shard(ws, u_ptr, bias_ptr, y_ptr, M, KT, stride_ym, stride_yn, pid - lo1, lo2 - lo1,
+                                   out1, k1, kc1, uo1, yo1, BLOCK_M, BLOCK_N, BLOCK_R, HAS_BIAS, IEEE)
+                else:
+                    if NUM_SHARDS == 3:
+                        _grouped_shard(ws, u_ptr, bias_ptr, y_ptr, M, KT, stride_ym, stride_yn, pid - lo2, n_items - lo2,
+                                       out2, k2, kc2, uo2, yo2, BLOCK_M, BLOCK_N, BLOCK_R, HAS_BIAS, IEEE)
+                    else:
+                        if pid < lo3:
+                            _grouped_shard(ws, u_ptr, bias_ptr, y_ptr, M, KT, stride_ym, stride_yn, pid - lo2, lo3 - lo2,
+                                           out2, k2, kc2, uo2, yo2, BLOCK_M, BLOCK_N, BLOCK_R, HAS_BIAS, IEEE)
+                        else:
+                            _grouped_shard(ws, u_ptr, bias_ptr, y_ptr, M, KT, stride_ym, stride_yn, pid - lo3, n_items - lo3,
+                                           out3, k3, kc3, uo3, yo3, BLOCK_M, BLOCK_N, BLOCK_R, HAS_BIAS, IEEE)
+    if FINISH:
+        tl.debug_barrier()
+        _finish(ctr_ptr, tl.num_programs(0))
+
+
 # ----------------------------------------------------------------------------- launch guards
 
 _STREAM_SLACK = 2  # without a cooperative launch: room for this many concurrent fused grids
@@ -410,24 +504,134 @@ def decode_launch_info() -> dict:
 _WORKSPACES: dict = {}
 
 
-def _workspace(device: torch.device, cap: int, kt: int):
-    """Zeroed (ws fp32 [2, cap, kt], ctr int32 [4]) for this device/stream/shape.
+def _capture_token(device: torch.device):
+    """None outside CUDA stream capture; during capture, the capture's id (cuStreamGetCaptureInfo),
+    or "capture" where the driver call is unavailable (then captures share, never with eager)."""
+    if device.type != "cuda" or not torch.cuda.is_current_stream_capturing():
+        return None
+    try:
+        lib = ctypes.CDLL("libcuda.so.1")
+        status, cid = ctypes.c_int(0), ctypes.c_ulonglong(0)
+        # the unversioned symbol keeps the original ABI: (stream, *status, *id)
+        rc = lib.cuStreamGetCaptureInfo(ctypes.c_void_p(torch.cuda.current_stream(device).cuda_stream),
+                                        ctypes.byref(status), ctypes.byref(cid))
+        if rc == 0 and status.value == 1:  # CU_STREAM_CAPTURE_STATUS_ACTIVE
+            return ("capture", cid.value)
+    except (OSError, AttributeError):
+        pass
+    return "capture"
 
-    Cached outside CUDA graph capture (kept zero-on-entry by the kernels themselves). During
-    capture a missing entry is allocated for this call only (a fixed-size allocation whose
-    zero-fill is recorded in the graph). Keyed by stream so concurrent streams never share one.
-    """
-    capturing = device.type == "cuda" and torch.cuda.is_current_stream_capturing()
+
+def _workspace_key(device: torch.device, cap: int, kt: int) -> tuple:
+    """(device, stream, capture token, cap, kt): see the module doc."""
     stream = torch.cuda.current_stream(device).cuda_stream if device.type == "cuda" else 0
-    key = (device, stream, cap, kt)
+    return (device, stream, _capture_token(device), cap, kt)
+
+
+def _workspace(device: torch.device, cap: int, kt: int, key=None):
+    """Zeroed (ws fp32 [2, cap, kt], ctr int32 [4]) for `key` (default `_workspace_key`), cached;
+    kept zero-on-entry by the kernels themselves. Allocated during capture, its zero-fill is a node
+    of the graph, and it belongs to that capture only (see the module doc)."""
+    key = _workspace_key(device, cap, kt) if key is None else key
     hit = _WORKSPACES.get(key)
-    if hit is not None:
-        return hit
-    ws = torch.zeros((2, cap, kt), dtype=torch.float32, device=device)  # shape [2, CAP, KT]
-    ctr = torch.zeros(4, dtype=torch.int32, device=device)  # shape [4]
-    if not capturing:
-        _WORKSPACES[key] = (ws, ctr)
-    return ws, ctr
+    if hit is None:
+        ws = torch.zeros((2, cap, kt), dtype=torch.float32, device=device)  # shape [2, CAP, KT]
+        ctr = torch.zeros(4, dtype=torch.int32, device=device)  # shape [4]
+        hit = _WORKSPACES[key] = (ws, ctr)
+    return hit
+
+
+def release_workspaces() -> int:
+    """Drop every cached workspace (e.g. after deleting captured graphs); returns how many."""
+    n = len(_WORKSPACES)
+    _WORKSPACES.clear()
+    return n
+
+
+# ----------------------------------------------------------------------------- launch layer
+
+# What the CUDA driver says (cuGetErrorString, in Triton's "Triton Error [CUDA]: ..." RuntimeError)
+# when it refuses a cooperative launch rather than running it:
+#   CUDA_ERROR_COOPERATIVE_LAUNCH_TOO_LARGE  "too many blocks in cooperative launch"
+#   CUDA_ERROR_NOT_SUPPORTED                 "operation not supported"  (MPS, some vGPU)
+#   CUDA_ERROR_STREAM_CAPTURE_UNSUPPORTED    "operation not permitted when stream is capturing"
+REFUSALS = ("too many blocks in cooperative launch", "operation not supported",
+            "operation not permitted when stream is capturing", "cooperative")
+
+_COOP_REFUSED: dict = {}  # (device index, capturing) -> the driver's message
+
+
+def is_cooperative_refusal(exc: BaseException) -> bool:
+    """True for the error Triton's launcher raises when the driver refuses a cooperative launch."""
+    msg = str(exc).lower()
+    return isinstance(exc, RuntimeError) and any(r in msg for r in REFUSALS)
+
+
+def _launch_kernel(launch: "Launch") -> None:
+    """The launch layer: `kernel[grid](*args, **meta)` (tests replace it with a fake driver)."""
+    launch.kernel[(launch.grid,)](*launch.args, **launch.meta)
+
+
+def _run(launches, ws_key) -> None:
+    """Launch in order; on any error drop the call's workspace (never reuse possibly-dirty
+    buffers or counters) and re-raise."""
+    try:
+        for launch in launches:
+            _launch_kernel(launch)
+    except Exception:
+        _WORKSPACES.pop(ws_key, None)
+        raise
+
+
+def _note_refusal(dev: int, capturing: bool, exc: BaseException) -> None:
+    key = (dev, capturing)
+    if key not in _COOP_REFUSED:
+        _COOP_REFUSED[key] = str(exc)
+        log.warning("lrinfer: cooperative launch of the fused decode kernel refused on cuda:%d%s (%s); "
+                    "using two_launch_pdl from now on", dev, " during graph capture" if capturing else "",
+                    str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__)
+
+
+def cooperative_refused(dev: int, capturing: bool) -> bool:
+    """Whether a cooperative launch was refused on this device (eager or under capture)."""
+    return (dev, capturing) in _COOP_REFUSED
+
+
+_CAPTURE_COOP: dict = {}  # device index -> a captured cooperative launch ran and gave the right y
+
+
+def probe_capture(dev: int) -> bool:
+    """Capture one small fused decode call (cooperative, no fallback) into a throwaway graph on a
+    side stream, replay it and check y. Cached per device. Until a device has passed it, calls under
+    capture use two_launch_pdl: a cooperative launch refused inside a capture may invalidate the
+    capture itself, so it is never tried there blind. Eager fused calls run it once, lazily."""
+    if dev in _CAPTURE_COOP:
+        return _CAPTURE_COOP[dev]
+    _CAPTURE_COOP[dev] = False  # also guards the recursion below
+    from . import configs
+
+    cfg = dict(configs.DEFAULTS[1])
+    g = torch.Generator(device=f"cuda:{dev}").manual_seed(0)
+    x, V, U = (torch.randn(*s, device=f"cuda:{dev}", dtype=torch.float16, generator=g) / 8
+               for s in ((1, 256), (256, 32), (64, 32)))
+    ok = False
+    try:
+        lowrank_decode(x, V, U, cfg=cfg, fused=True, cooperative=True, fallback=False)  # compile, eagerly
+        graph, stream = torch.cuda.CUDAGraph(), torch.cuda.Stream(dev)
+        stream.wait_stream(torch.cuda.current_stream(dev))
+        with torch.cuda.graph(graph, stream=stream):
+            y = lowrank_decode(x, V, U, cfg=cfg, fused=True, cooperative=True, fallback=False)
+        graph.replay()
+        torch.cuda.synchronize(dev)
+        ok = bool(torch.allclose(y.float(), (x.float() @ V.float()) @ U.float().t(), rtol=2e-2, atol=2e-2))
+        if not ok:
+            log.warning("lrinfer: a captured cooperative launch on cuda:%d gave a wrong result; graphs use "
+                        "two_launch_pdl", dev)
+    except RuntimeError as e:
+        log.warning("lrinfer: cuda:%d does not take a cooperative launch in a CUDA graph (%s); graphs use "
+                    "two_launch_pdl", dev, str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__)
+    _CAPTURE_COOP[dev] = ok
+    return ok
 
 
 DECODE_BLOCKS = ("BLOCK_M", "BLOCK_IN", "BLOCK_K", "BLOCK_N", "BLOCK_R")
@@ -450,6 +654,15 @@ class Launch(NamedTuple):
     meta: dict
 
 
+def _shrink_split(M, IN, KT_tiles, cfg, programs):
+    """(n_m_tiles, n_splits, blocks_per_split): `in` split so phase 1 has about one item per program."""
+    n_m_tiles = triton.cdiv(M, cfg["BLOCK_M"])
+    n_in_blocks = triton.cdiv(IN, cfg["BLOCK_IN"])
+    n_splits = max(1, min(n_in_blocks, programs // (n_m_tiles * KT_tiles)))
+    blocks_per_split = triton.cdiv(n_in_blocks, n_splits)
+    return n_m_tiles, triton.cdiv(n_in_blocks, blocks_per_split), blocks_per_split
+
+
 def plan_decode(x2, V, U, bias, V2, U2, y, ws, ctr, *, cfg, fused, programs, gdc=False,
                 cooperative=False) -> list[Launch]:
     """The launches of one decode call, from shapes and strides only (no device work).
@@ -466,17 +679,12 @@ def plan_decode(x2, V, U, bias, V2, U2, y, ws, ctr, *, cfg, fused, programs, gdc
     BM, BIN, BK = cfg["BLOCK_M"], cfg["BLOCK_IN"], cfg["BLOCK_K"]
     BN, BR = cfg["BLOCK_N"], cfg["BLOCK_R"]
     ieee = x2.dtype == torch.float32
-    n_m_tiles = triton.cdiv(M, BM)
-    ws_numel = n_m_tiles * BM * KT  # one of the two buffers
     V2_, U2_ = (V, U) if V2 is None else (V2, U2)  # dummies when there is no residual pair
 
-    # split `in` so phase 1 has about one work item per program
     n_k1_tiles = triton.cdiv(K1, BK)
     n_k_tiles = n_k1_tiles + triton.cdiv(K2, BK)
-    n_in_blocks = triton.cdiv(IN, BIN)
-    n_splits = max(1, min(n_in_blocks, programs // (n_m_tiles * n_k_tiles)))
-    blocks_per_split = triton.cdiv(n_in_blocks, n_splits)
-    n_splits = triton.cdiv(n_in_blocks, blocks_per_split)
+    n_m_tiles, n_splits, blocks_per_split = _shrink_split(M, IN, n_k_tiles, cfg, programs)
+    ws_numel = n_m_tiles * BM * KT  # one of the two buffers
     items1 = n_m_tiles * n_k_tiles * n_splits
     items2 = n_m_tiles * triton.cdiv(OUT, BN)
 
@@ -505,8 +713,32 @@ def plan_decode(x2, V, U, bias, V2, U2, y, ws, ctr, *, cfg, fused, programs, gdc
     return [shrink, expand]
 
 
+def _fill_rank0(y, bias):
+    """y = bias (or 0): the layer has rank 0."""
+    if bias is None:
+        y.zero_()
+    else:
+        y.copy_(bias.expand_as(y))
+    return y
+
+
+def _decide_cooperative(fused: bool, cuda: bool, dev: int, capturing: bool) -> tuple[bool, bool]:
+    """(fused, cooperative) for a call that asked for `fused`: cooperative where Triton can and the
+    driver has not refused it on this device (eager / capture), under capture only once
+    `probe_capture` passed; a fused call that wanted a cooperative launch and may not have one
+    becomes two launches (the caller adds PDL). Without cooperative launch in Triton at all, the
+    fused kernel keeps its halved-grid guard (module doc)."""
+    want = fused and cuda and _cooperative_enabled()
+    coop = want and not cooperative_refused(dev, capturing)
+    if coop and not capturing and dev not in _CAPTURE_COOP:
+        probe_capture(dev)  # once per device, before any capture can need the answer
+    if coop and capturing:
+        coop = _CAPTURE_COOP.get(dev, False)
+    return (fused and (coop or not want)), coop
+
+
 def lowrank_decode(x2, V, U, bias=None, V2=None, U2=None, *, cfg, fused=True, max_programs=None,
-                   pdl=False, out=None):
+                   pdl=False, out=None, cooperative=None, fallback=True):
     """y [M, out] for x2 [M, in] (any strides) with the decode kernels.
 
     fused=True: one launch with a grid barrier; on CUDA the grid is SMs × occupancy of the compiled
@@ -516,6 +748,10 @@ def lowrank_decode(x2, V, U, bias=None, V2=None, U2=None, *, cfg, fused=True, ma
     launch where supported (SM90+, Triton >= 3.4), else plain two launches. Phase 1 is split for
     `max_programs` programs (default: SMs × occupancy on CUDA, 8 off it), which also caps the
     fused grid. out: optional y [M, out] to write into (any strides).
+    cooperative: None = where Triton can and the driver has not refused it on this device (CUDA);
+    True/False forces it; under capture, None means only once `probe_capture` passed on the device.
+    A refused cooperative launch falls back to two_launch_pdl (module doc); fallback=False raises.
+    Rank 0 (k + k2 = 0) gives y = bias or 0 without a launch; a rank-0 pair is dropped.
     """
     # validate
     _check_blocks(cfg)
@@ -524,24 +760,37 @@ def lowrank_decode(x2, V, U, bias=None, V2=None, U2=None, *, cfg, fused=True, ma
         raise ValueError("lowrank_linear: the fused single-launch decode kernel needs a CUDA device "
                          "(off CUDA, under TRITON_INTERPRET=1, only max_programs=1: a grid of one program)")
     M = x2.shape[0]
-    OUT, K1 = U.shape
-    KT = K1 + (0 if V2 is None else V2.shape[1])
+    OUT = U.shape[0]
     if out is not None and (tuple(out.shape) != (M, OUT) or out.dtype != x2.dtype or out.device != x2.device):
         raise ValueError(f"lowrank_linear decode: out must be [{M}, {OUT}] {x2.dtype} on {x2.device}; "
                          f"got {tuple(out.shape)} {out.dtype} on {out.device}")
+    if V2 is not None and V2.shape[1] == 0:
+        V2 = U2 = None
+    if V.shape[1] == 0 and V2 is not None:
+        V, U, V2, U2 = V2, U2, None, None
+    KT = U.shape[1] + (0 if V2 is None else V2.shape[1])
 
     # allocate
     y = torch.empty((M, OUT), dtype=x2.dtype, device=x2.device) if out is None else out  # shape [M, out]
     if M == 0:
         return y
-    ws, ctr = _workspace(x2.device, triton.cdiv(M, cfg["BLOCK_M"]) * cfg["BLOCK_M"], KT)  # [2, CAP, KT], [4]
+    if KT == 0:
+        return _fill_rank0(y, bias)
+    cap = triton.cdiv(M, cfg["BLOCK_M"]) * cfg["BLOCK_M"]
+    ws_key = _workspace_key(x2.device, cap, KT)
+    ws, ctr = _workspace(x2.device, cap, KT, ws_key)  # [2, CAP, KT], [4]
 
     # grid: SMs × occupancy of the compiled kernel (cached per device, dtype and meta-parameters)
     dev = x2.device.index if x2.device.index is not None else (torch.cuda.current_device() if cuda else 0)
-    coop = cuda and fused and _cooperative_enabled()
-    gdc = (not fused) and bool(pdl) and cuda and pdl_supported(dev)
+    capturing = ws_key[2] is not None
+    if cooperative is None:
+        fused, cooperative = _decide_cooperative(fused, cuda, dev, capturing)
+        pdl = pdl or not fused
+    coop = fused and bool(cooperative)
+    can_pdl = cuda and pdl_supported(dev)
+    gdc = (not fused) and bool(pdl) and can_pdl
 
-    def plan(programs):
+    def plan(programs, fused=fused, gdc=gdc):
         return plan_decode(x2, V, U, bias, V2, U2, y, ws, ctr, cfg=cfg, fused=fused, programs=programs,
                            gdc=gdc, cooperative=coop)
 
@@ -556,7 +805,98 @@ def lowrank_decode(x2, V, U, bias=None, V2=None, U2=None, *, cfg, fused=True, ma
     elif max_programs is None:
         max_programs = 8
 
-    # launch
-    for launch in plan(max_programs):
-        launch.kernel[(launch.grid,)](*launch.args, **launch.meta)
+    # launch; a refused cooperative launch is re-planned as two launches on a fresh workspace
+    try:
+        _run(plan(max_programs), ws_key)
+    except RuntimeError as e:
+        if not (coop and fallback and is_cooperative_refusal(e)):
+            raise
+        _note_refusal(dev, capturing, e)
+        ws, ctr = _workspace(x2.device, cap, KT, ws_key)  # fresh: `_run` dropped the old one
+        _run(plan(max_programs, fused=False, gdc=can_pdl), ws_key)
+    return y
+
+
+# ----------------------------------------------------------------------------- grouped (qkv, gate_up)
+
+
+def plan_grouped(x2, V, U, bias, ranks, outs, y, ws, ctr, *, cfg, programs, gdc=False) -> list[Launch]:
+    """Launches of one grouped call (shapes and strides only): one `_shrink_kernel` over V [in, Σk]
+    into t, then ceil(S / GROUP_MAX) `_grouped_expand_kernel` launches, the last one finishing.
+    U: the packed contiguous 1-D [Σ out_i·k_i]; bias [Σ out_i] contiguous or None; y [M, Σ out_i]."""
+    M, IN = x2.shape
+    KT = V.shape[1]
+    BM, BN = cfg["BLOCK_M"], cfg["BLOCK_N"]
+    ieee = x2.dtype == torch.float32
+    n_k_tiles = triton.cdiv(KT, cfg["BLOCK_K"])
+    n_m_tiles, n_splits, blocks_per_split = _shrink_split(M, IN, n_k_tiles, cfg, programs)
+    ws_numel = n_m_tiles * BM * KT
+    warps = dict(num_warps=cfg["num_warps"], num_stages=cfg.get("num_stages", 3))
+    launches = [Launch(_shrink_kernel, n_m_tiles * n_k_tiles * n_splits,
+                       (x2, V, V, ws, ctr, M, IN, KT, 0, KT, ws_numel, n_k_tiles, n_k_tiles, n_splits,
+                        blocks_per_split, x2.stride(0), x2.stride(1), V.stride(0), V.stride(1),
+                        V.stride(0), V.stride(1)),
+                       dict(BLOCK_M=BM, BLOCK_IN=cfg["BLOCK_IN"], BLOCK_K=cfg["BLOCK_K"], ZBLOCK=ZBLOCK,
+                            USE_GDC=gdc, IEEE=ieee, **warps))]
+    kc, uo, yo = [0], [0], [0]  # where shard i's t columns, U elements, y columns start
+    for k, o in zip(ranks, outs):
+        kc.append(kc[-1] + k)
+        uo.append(uo[-1] + k * o)
+        yo.append(yo[-1] + o)
+    bias_ = bias if bias is not None else y
+    S = len(ranks)
+    for g0 in range(0, S, GROUP_MAX):
+        idx = list(range(g0, min(S, g0 + GROUP_MAX)))
+        items = [n_m_tiles * triton.cdiv(outs[i], BN) for i in idx]
+        lo = [sum(items[:j]) for j in range(1, len(idx))]
+        n_items = sum(items)
+        pad = GROUP_MAX - len(idx)
+
+        def col(vals):
+            return [vals[i] for i in idx] + [0] * pad
+
+        args = (ws, ctr, U, bias_, y, M, KT, ws_numel, y.stride(0), y.stride(1),
+                *(lo + [n_items] * (GROUP_MAX - 1 - len(lo))), n_items,
+                *col(outs), *col(ranks), *col(kc), *col(uo), *col(yo))
+        last = idx[-1] == S - 1
+        launches.append(Launch(_grouped_expand_kernel, n_items, args,
+                               dict(NUM_SHARDS=len(idx), BLOCK_M=BM, BLOCK_N=BN, BLOCK_R=cfg["BLOCK_R"],
+                                    HAS_BIAS=bias is not None, IEEE=ieee, USE_GDC=gdc, FINISH=last, **warps,
+                                    **({"launch_pdl": True} if gdc else {}))))
+    return launches
+
+
+def lowrank_grouped_decode(x2, V, U, bias, ranks, outs, *, cfg, pdl=True, max_programs=None, out=None):
+    """y [M, Σ out_i] of the grouped op (`plan_grouped`) for x2 [M, in] (any strides), V [in, Σk] (any
+    strides), U packed contiguous 1-D, bias [Σ out_i] contiguous or None. Shard i's output columns
+    are written in place (out: optional y to write into, any strides). pdl: the expand launches use
+    programmatic dependent launch where supported. Phase 1 is split for `max_programs` programs
+    (default: SMs × occupancy of the shrink kernel on CUDA, 8 off it). Needs ranks >= 1 (the op checks)."""
+    _check_blocks(cfg)
+    M = x2.shape[0]
+    n_out = sum(outs)
+    if out is not None and (tuple(out.shape) != (M, n_out) or out.dtype != x2.dtype or out.device != x2.device):
+        raise ValueError(f"lowrank_linear_grouped: out must be [{M}, {n_out}] {x2.dtype} on {x2.device}; "
+                         f"got {tuple(out.shape)} {out.dtype} on {out.device}")
+    y = torch.empty((M, n_out), dtype=x2.dtype, device=x2.device) if out is None else out  # shape [M, Σ out]
+    if M == 0:
+        return y
+    KT = V.shape[1]
+    cap = triton.cdiv(M, cfg["BLOCK_M"]) * cfg["BLOCK_M"]
+    ws_key = _workspace_key(x2.device, cap, KT)
+    ws, ctr = _workspace(x2.device, cap, KT, ws_key)
+    cuda = x2.device.type == "cuda"
+    dev = x2.device.index if x2.device.index is not None else (torch.cuda.current_device() if cuda else 0)
+    gdc = bool(pdl) and cuda and pdl_supported(dev)
+
+    def plan(programs):
+        return plan_grouped(x2, V, U, bias, list(ranks), list(outs), y, ws, ctr, cfg=cfg, programs=programs, gdc=gdc)
+
+    if max_programs is None and cuda:  # phase 1 split for SMs × occupancy of the shrink kernel
+        shrink = plan(torch.cuda.get_device_properties(dev).multi_processor_count)[0]
+        key = (dev, x2.dtype, "_shrink_kernel", *(cfg[b] for b in DECODE_BLOCKS), cfg["num_warps"],
+               cfg.get("num_stages", 3), False, False, False)
+        max_programs = _resident_limit(key, lambda: shrink.kernel.warmup(*shrink.args, grid=(1,), **shrink.meta),
+                                       dev, 1)
+    _run(plan(max_programs or 8), ws_key)
     return y

@@ -12,8 +12,9 @@ reductions, fences, cache invalidations, local memory, tensor-core ops) and the 
 (programs per SM) that the grid assumes, computed from the sm_80/sm_90 limits; plus a static
 ESTIMATE of time (`estimate.py`).
 
-Methods: "fused", "two_launch" (shrink + expand), "two_launch_pdl" (sm_90+), "triton" (prefill).
-There is no grouped kernel yet. Needs the Triton NVIDIA backend (ptxas, cuobjdump), not a GPU.
+Methods: "fused", "two_launch" (shrink + expand), "two_launch_pdl" (sm_90+), "triton" (prefill),
+"grouped" (the fused-layer op: shrink over [V_0|...] + `_grouped_expand_kernel`; shards given as
+`groups=[(out_i, k_i), ...]`, PDL on sm_90). Needs the Triton NVIDIA backend (ptxas, cuobjdump), not a GPU.
 """
 from __future__ import annotations
 
@@ -29,7 +30,7 @@ import torch
 from ..errors import LrinferError
 from . import configs
 
-METHODS = ("fused", "two_launch", "two_launch_pdl", "triton")
+METHODS = ("fused", "two_launch", "two_launch_pdl", "triton", "grouped")
 DTYPES = {"bfloat16": torch.bfloat16, "float16": torch.float16, "float32": torch.float32}
 
 
@@ -251,7 +252,7 @@ def _check(method, dtype, in_features, out_features, k, k2, m, arch):
 
 def compile_only(method: str, dtype: str, in_features: int, out_features: int, k: int, k2: int = 0,
                  m: int = 1, config: dict | None = None, arch: int = 90, bias: bool = False,
-                 estimate: bool = True) -> Inspection:
+                 estimate: bool = True, groups=None) -> Inspection:
     """Compile what the launcher would launch for this layer and M, for sm_<arch>, without a GPU.
 
     method: "fused", "two_launch", "two_launch_pdl" or "triton" (prefill); dtype: "bfloat16",
@@ -260,15 +261,28 @@ def compile_only(method: str, dtype: str, in_features: int, out_features: int, k
     config: overrides merged over `configs.get_config(m, ...)` (no per-GPU file is read);
     arch: 80 or 90. The fused grid is SMs × occupancy of the compiled kernel, as on the device
     (with a cooperative launch). Results are cached per argument set.
+    method "grouped": groups = [(out_i, k_i), ...] (out_features, k, k2 are then ignored; the
+    shape reports their sums); its estimate compares against S separate two_launch_pdl calls.
     """
+    if method == "grouped":
+        if not groups or any(int(o) < 1 or int(kk) < 1 for o, kk in groups):
+            raise LrinferError("kernels inspect: grouped needs shards as (out_i, k_i) with both >= 1 "
+                               "(--outs 4096,1024,1024)")
+        groups = tuple((int(o), int(kk)) for o, kk in groups)
+        out_features, k, k2 = sum(o for o, _ in groups), sum(kk for _, kk in groups), 0
     _check(method, dtype, in_features, out_features, k, k2, m, arch)
     cfg = {**configs.get_config(m, in_features, out_features, k + k2), **(config or {}), "method": method}
-    key = (method, dtype, in_features, out_features, k, k2, m, tuple(sorted(cfg.items())), arch, bias)
+    key = (method, dtype, in_features, out_features, k, k2, m, tuple(sorted(cfg.items())), arch, bias, groups)
     res = _compile_only_cached(key)
     if estimate and res.estimate is None:
-        from .estimate import estimate_inspection
+        from .estimate import estimate_grouped, estimate_inspection
 
-        res.estimate = estimate_inspection(res)
+        if method == "grouped":
+            singles = [compile_only("two_launch_pdl" if arch >= 90 else "two_launch", dtype, in_features, o, kk,
+                                    m=m, config=config, arch=arch, bias=bias, estimate=False) for o, kk in groups]
+            res.estimate = estimate_grouped(res, singles)
+        else:
+            res.estimate = estimate_inspection(res)
     return res
 
 
@@ -276,7 +290,7 @@ def compile_only(method: str, dtype: str, in_features: int, out_features: int, k
 def _compile_only_cached(key) -> Inspection:
     from . import fused_decode, prefill
 
-    method, dtype, IN, OUT, k, k2, m, cfg_items, arch, bias = key
+    method, dtype, IN, OUT, k, k2, m, cfg_items, arch, bias, groups = key
     cfg = dict(cfg_items)
     dt = DTYPES[dtype]
     x = _ArgStandIn((m, IN), dt)
@@ -286,7 +300,20 @@ def _compile_only_cached(key) -> Inspection:
     y = _ArgStandIn((m, OUT), dt)
     sms = ARCHS[arch].sms
 
-    if method == "triton":
+    if method == "grouped":
+        fused_decode._check_blocks(cfg)
+        outs, ranks = [o for o, _ in groups], [kk for _, kk in groups]
+        cap = -(-m // cfg["BLOCK_M"]) * cfg["BLOCK_M"]
+        def plan_g(programs):
+            return fused_decode.plan_grouped(
+                x, V, _ArgStandIn((sum(o * kk for o, kk in groups),), dt), b, ranks, outs, y,
+                _ArgStandIn((2, cap, k), torch.float32), _ArgStandIn((4,), torch.int32), cfg=cfg,
+                programs=programs, gdc=arch >= 90 and fused_decode.launch_features()["pdl"])
+        shrink = _compile(plan_g(sms)[0], arch)  # the launcher splits phase 1 for SMs × its occupancy
+        occ = occupancy(_cubin_info(shrink.asm["cubin"])[1].get("reg", 0), shrink.metadata.shared,
+                        cfg["num_warps"], arch)
+        launches = plan_g(sms * max(occ, 1))
+    elif method == "triton":
         prefill._check_blocks(cfg)
         launches = prefill.plan_prefill(x, V, U, b, V2, U2, y, _ArgStandIn((m, k + k2), dt), cfg=cfg)
     else:
@@ -323,4 +350,7 @@ def _compile_only_cached(key) -> Inspection:
             shared=int(ck.metadata.shared), occupancy=occupancy(regs, int(ck.metadata.shared), warps, arch),
             sass=sass_counts(sass), specialization=_specialization(launch),
             cubin=ck.asm["cubin"], ptx=ck.asm["ptx"], sass_text=sass))
-    return Inspection(method, dtype, arch, {"in": IN, "out": OUT, "k": k, "k2": k2, "m": m}, cfg, reports)
+    shape = {"in": IN, "out": OUT, "k": k, "k2": k2, "m": m}
+    if groups:
+        shape["groups"] = [list(g) for g in groups]
+    return Inspection(method, dtype, arch, shape, cfg, reports)

@@ -1,13 +1,17 @@
 """Registration of the `lrinfer::lowrank_linear` custom op and its dispatch.
 
-CUDA + Triton: the kernel path chosen per M bucket by `configs.get_config`
+CUDA + Triton on sm_80 or newer: the kernel path chosen per M bucket by `configs.get_config`
 (fused single-launch decode, two-launch decode, Triton prefill GEMMs, or cuBLAS).
-Otherwise (CPU, no Triton): torch math in the input dtype.
+Otherwise (CPU, no Triton, GPUs below sm_80: one log line): torch math in the input dtype.
+Rank 0 (a layer compressed away): y = bias or zeros, no kernel.
 
 The op has a fake impl, so `torch.compile(fullgraph=True)` traces through it, and the CUDA
 path does no host syncs and no value-dependent allocation, so it can be captured in a CUDA graph.
 """
 from __future__ import annotations
+
+import functools
+import logging
 
 import torch
 from torch.utils import _python_dispatch
@@ -73,8 +77,37 @@ def lowrank_linear_reference(x, V, U, bias=None, V2=None, U2=None):
     return y
 
 
+MIN_CAPABILITY = (8, 0)  # the kernels' tl.dot tiles and bf16 need Ampere or newer
+_KERNEL_DTYPES = (torch.float16, torch.bfloat16, torch.float32)
+
+
+def _device_index(x) -> int:
+    return x.device.index if x.device.index is not None else torch.cuda.current_device()
+
+
+@functools.lru_cache(maxsize=None)
+def _arch_ok(index: int) -> bool:
+    """The device is sm_80 or newer; below it, say once that the torch path is used."""
+    cap = tuple(torch.cuda.get_device_capability(index))
+    if cap < MIN_CAPABILITY:
+        logging.getLogger("lrinfer.kernels").warning(
+            "lrinfer: cuda:%d is sm_%d%d, below sm_80; low-rank layers run in torch (cuBLAS), not Triton",
+            index, *cap)
+        return False
+    return True
+
+
 def _use_triton(x) -> bool:
-    return HAS_TRITON and x.is_cuda and x.dtype != torch.float64
+    return HAS_TRITON and x.is_cuda and x.dtype in _KERNEL_DTYPES and _arch_ok(_device_index(x))
+
+
+def _drop_rank0(V, U, V2, U2):
+    """(V, U, V2, U2) without pairs of rank 0 (the residual pair moves up if the first is empty)."""
+    if V2 is not None and V2.shape[1] == 0:
+        V2 = U2 = None
+    if V.shape[1] == 0 and V2 is not None:
+        V, U, V2, U2 = V2, U2, None, None
+    return V, U, V2, U2
 
 
 def _triton_forward(x, V, U, bias, V2, U2):
@@ -82,8 +115,12 @@ def _triton_forward(x, V, U, bias, V2, U2):
     lead = x.shape[:-1]
     x2 = x.reshape(-1, x.shape[-1])  # shape [M, in]; a view when possible, any strides
     M = x2.shape[0]
+    V, U, V2, U2 = _drop_rank0(V, U, V2, U2)
     k_total = U.shape[1] + (0 if U2 is None else U2.shape[1])
-    dev = x.device.index if x.device.index is not None else torch.cuda.current_device()
+    if k_total == 0:  # rank 0: the layer is its bias
+        y = x2.new_zeros((M, U.shape[0])) if bias is None else bias.expand(M, -1).clone()
+        return y.reshape(*lead, U.shape[0])
+    dev = _device_index(x)
     cfg = configs.get_config(max(M, 1), V.shape[0], U.shape[0], k_total, configs.device_slug(dev))
     method = cfg["method"]
     if method == "torch":
@@ -94,6 +131,21 @@ def _triton_forward(x, V, U, bias, V2, U2):
         y = fused_decode.lowrank_decode(x2, V, U, bias, V2, U2, cfg=cfg, fused=method == "fused",
                                         pdl=method == "two_launch_pdl")  # grid: SMs × occupancy
     return y.reshape(*lead, U.shape[0])
+
+
+def grouped_forward(x, V, U, bias, ranks, outs):
+    """The grouped op's kernel path (CUDA): y [..., Σ out_i], or None where the config for this M
+    is not a decode method (the caller then runs its cuBLAS math: one shrink GEMM, one GEMM per
+    shard into its columns). Decode methods run `fused_decode.lowrank_grouped_decode` (shrink
+    kernel + grouped expand kernel; PDL unless the method is plain two_launch)."""
+    x2 = x.reshape(-1, x.shape[-1])
+    dev = _device_index(x)
+    cfg = configs.get_config(max(x2.shape[0], 1), V.shape[0], sum(outs), V.shape[1], configs.device_slug(dev))
+    if cfg["method"] not in ("fused", "two_launch", "two_launch_pdl"):
+        return None
+    y = fused_decode.lowrank_grouped_decode(x2, V, U, bias, ranks, outs, cfg=cfg,
+                                            pdl=cfg["method"] != "two_launch")
+    return y.reshape(*x.shape[:-1], sum(outs))
 
 
 @torch.library.custom_op("lrinfer::lowrank_linear", mutates_args=())

@@ -157,3 +157,28 @@ def test_tuner_prunes_with_the_estimate():
     assert kept[0] == ({"method": "torch"}, None)
     assert [c for c, _ in kept[1:]] == [base]
     assert tk.estimate_us(starved, 4096, 11008, 1792, 1) > tk.estimate_us(base, 4096, 11008, 1792, 1)
+
+
+GROUPED = {"llama2-7b-qkv": (4096, (4096, 4096, 4096)), "llama2-7b-gate_up": (4096, (11008, 11008)),
+           "llama3-8b-qkv": (4096, (4096, 1024, 1024)), "llama3-8b-gate_up": (4096, (14336, 14336))}
+
+
+@pytest.mark.parametrize("dtype", ["bfloat16", "float16"])
+@pytest.mark.parametrize("name", list(GROUPED))
+def test_grouped_sass(name, dtype):
+    """The grouped pair (fused qkv / gate_up) at 40%: 16-byte weight loads, relaxed split-K
+    reductions, no spills, PDL on sm_90; its ESTIMATE beats S separate calls + torch.cat."""
+    _backend_or_skip()
+    i, outs = GROUPED[name]
+    groups = [(o, configs.aligned_rank(_emitted(i, o, 0.4))) for o in outs]
+    res = ki.compile_only("grouped", dtype, i, 0, 0, m=1, arch=ARCH, groups=groups)
+    shrink, expand = res.kernels
+    for k in res.kernels:
+        _check_kernel(k, f"grouped {name} {dtype}")
+    assert expand.name == "_grouped_expand_kernel" and expand.grid == sum(-(-o // res.config["BLOCK_N"]) for o in outs)
+    assert shrink.sass["red"] >= 1 and shrink.sass["atom"] == 0, shrink.sass
+    assert shrink.sass["membar"] == 0 and shrink.sass["cctl"] == 0, shrink.sass
+    assert expand.sass["red"] == 0 and expand.sass["atom"] <= 5, expand.sass  # the finishing counters only
+    assert "griddepcontrol.launch_dependents" in shrink.ptx and "griddepcontrol.wait" in expand.ptx
+    est = res.estimate
+    assert "ESTIMATE" in est["label"] and est["h100"]["speedup_vs_separate"] > 1.1, est["h100"]
