@@ -60,9 +60,12 @@ def test_checkout_shadows_no_installed_distribution():
     """The checkout's folders that are on sys.path during the run offer no name an installed
     distribution owns (except lrinfer itself, the package of this checkout)."""
     owned = importlib.metadata.packages_distributions()
+    prefix = Path(sys.prefix).resolve()
     clashes = []
     for entry in {Path(p or ".").resolve() for p in sys.path}:
-        if entry.is_dir() and (entry == REPO or entry.is_relative_to(REPO)):
+        # the checkout's own folders; an environment kept inside it (.venv/) holds the installed packages
+        if entry.is_dir() and entry.is_relative_to(REPO) and not entry.is_relative_to(prefix) \
+                and "site-packages" not in entry.parts:
             for name in _importable_names(entry):
                 dists = set(owned.get(name, ())) - {"lrinfer"}
                 if dists:
