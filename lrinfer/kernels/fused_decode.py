@@ -512,9 +512,10 @@ def _capture_token(device: torch.device):
     try:
         lib = ctypes.CDLL("libcuda.so.1")
         status, cid = ctypes.c_int(0), ctypes.c_ulonglong(0)
-        # the unversioned symbol keeps the original ABI: (stream, *status, *id)
+        # (stream, *status, *id) lead every version of this call; later versions add optional
+        # out-pointers (graph, dependencies, edge data, count), passed as NULL so none is garbage
         rc = lib.cuStreamGetCaptureInfo(ctypes.c_void_p(torch.cuda.current_stream(device).cuda_stream),
-                                        ctypes.byref(status), ctypes.byref(cid))
+                                        ctypes.byref(status), ctypes.byref(cid), *([None] * 4))
         if rc == 0 and status.value == 1:  # CU_STREAM_CAPTURE_STATUS_ACTIVE
             return ("capture", cid.value)
     except (OSError, AttributeError):
