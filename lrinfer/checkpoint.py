@@ -75,6 +75,9 @@ class CheckpointSpec:
     version: int = FORMAT_VERSION
     extra: dict = dataclasses.field(default_factory=dict)
 
+    def __post_init__(self):   # ranks as given ([k, k2], [k] or k) -> checked (k, k2)
+        object.__setattr__(self, "ranks", parse_ranks(self.ranks, "CheckpointSpec"))
+
     @classmethod
     def of(cls, model: nn.Module, method: str | None = None, ratio: float | None = None, **extra) -> "CheckpointSpec":
         """The spec of a patched model: ranks from its `LowRankLinear` modules."""
@@ -84,7 +87,7 @@ class CheckpointSpec:
     @classmethod
     def of_compression(cls, config, ranks: Mapping, **extra) -> "CheckpointSpec":
         """The spec of a compression run: `config` a `CompressConfig`, `ranks` its result's ranks."""
-        return cls(parse_ranks(ranks), config.method, config.ratio,
+        return cls(dict(ranks), config.method, config.ratio,
                    extra={"selection": config.selection, "allocation": config.allocation,
                           "config": config.to_dict(), **extra})
 
@@ -138,6 +141,13 @@ class CheckpointSpec:
         for key in ("tensors", "aliases", "files"):   # a manifest's own fields
             d.pop(key, None)
         return cls(ranks, version=version, layout=layout, extra=d, **fields)
+
+    def check_manifest(self, manifest: dict, where: Path) -> None:
+        """Refuse a manifest (of the checkpoint at `where`) whose format fields are not this spec's."""
+        held = CheckpointSpec.from_dict(manifest, str(where / MANIFEST))
+        if (held.ranks, held.layout, held.version) != (self.ranks, self.layout, self.version):
+            raise CheckpointError(f"{where}: config.json's quantization_config does not match {MANIFEST} "
+                                  "(ranks, layout or version differ); the checkpoint was edited or mixed")
 
     def check_model(self, model: nn.Module) -> None:
         """Refuse a spec whose ranks are not those of the model's `LowRankLinear` modules."""
@@ -445,10 +455,7 @@ def read_spec(path: Path, manifest: dict, config_dict: dict | None = None) -> Ch
         raise CheckpointError(f"{path}: config.json's quantization_config does not match {MANIFEST} "
                               "(it is not an lrinfer block); the checkpoint was edited or mixed")
     spec = CheckpointSpec.from_dict(qc, f"{path / 'config.json'}: quantization_config")
-    held = CheckpointSpec.from_dict(manifest, str(path / MANIFEST))
-    if (spec.ranks, spec.layout, spec.version) != (held.ranks, held.layout, held.version):
-        raise CheckpointError(f"{path}: config.json's quantization_config does not match {MANIFEST} "
-                              "(ranks, layout or version differ); the checkpoint was edited or mixed")
+    spec.check_manifest(manifest, path)
     return spec
 
 

@@ -13,7 +13,7 @@ from tqdm.auto import tqdm
 from .allocation import get_allocator
 from .calibration import (_on, capture_inputs, collect_stats, fisher_information, linear_stages, run_block,
                           swapped_in)
-from .checkpoint import CheckpointSpec, parse_ranks, skeleton
+from .checkpoint import CheckpointSpec, skeleton
 from .errors import LrinferError
 from .factors import FactorPair, check_ratio
 from .kernels.configs import RANK_ALIGN
@@ -225,7 +225,7 @@ def compress(model: nn.Module, config: CompressConfig, calib_ids: torch.Tensor, 
         start = 0
         if saved:
             if streamer is not None:   # finished blocks stay on disk; the skeleton learns their shapes
-                skeleton(model, CheckpointSpec(parse_ranks(saved.factor_ranks, str(work_dir))), str(work_dir))
+                skeleton(model, CheckpointSpec(saved.factor_ranks), str(work_dir))
             for name, pair in saved.factors.items():
                 lin = model.get_submodule(name)
                 new = LowRankLinear.from_factors(pair.to(device), lin.bias)

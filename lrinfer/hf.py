@@ -25,7 +25,6 @@ import os
 from pathlib import Path
 
 import torch
-from torch import nn
 from transformers.quantizers import HfQuantizer, register_quantization_config, register_quantizer
 from transformers.quantizers.auto import AUTO_QUANTIZATION_CONFIG_MAPPING, AUTO_QUANTIZER_MAPPING
 from transformers.utils.quantization_config import QuantizationConfigMixin
@@ -79,10 +78,7 @@ class LrinferHfQuantizer(HfQuantizer):
         if folder is not None and (folder / MANIFEST).is_file():
             manifest = read_manifest(folder)
             verify_files(folder, manifest)
-            held = CheckpointSpec.from_dict(manifest, str(folder / MANIFEST))
-            if (held.ranks, held.layout, held.version) != (spec.ranks, spec.layout, spec.version):
-                raise CheckpointError(f"{folder}: config.json's quantization_config does not match {MANIFEST} "
-                                      "(ranks, layout or version differ); the checkpoint was edited or mixed")
+            spec.check_manifest(manifest, folder)
             self.manifest = manifest
             log.info("lrinfer: %d files in %s match their sha256", len(manifest.get("files", {})), folder)
         else:
