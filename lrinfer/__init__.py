@@ -4,7 +4,7 @@
     calib, _ = lrinfer.calibration_batch(tok, "wikitext2", 32, 512)
     result = lrinfer.compress(model, lrinfer.CompressConfig(method="svdllm", ratio=0.2), calib)
 """
-from .checkpoint import load_checkpoint, save_checkpoint
+from .checkpoint import CheckpointSpec, load_checkpoint, save_checkpoint
 from .compress import CompressConfig, CompressionResult, compress
 from .data import calibration_batch, eval_windows, resolve_data_dir
 from .errors import CheckpointError, LrinferError
@@ -17,7 +17,7 @@ from .recipe import Recipe, Screening, apply_result, default_candidates
 from .recipe import search as search_recipes
 
 __all__ = [
-    "CheckpointError", "CompressConfig", "CompressionResult", "FactorPair", "LowRankLinear", "LrinferError",
+    "CheckpointError", "CheckpointSpec", "CompressConfig", "CompressionResult", "FactorPair", "LowRankLinear", "LrinferError",
     "calibration_batch", "compress", "compressible_linears", "eval_windows", "load_checkpoint", "load_model",
     "patch", "perplexity", "rank_for_ratio", "resolve_data_dir", "save_checkpoint", "unpatch",
     "Recipe", "Screening", "apply_result", "default_candidates", "search_recipes",

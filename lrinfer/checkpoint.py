@@ -2,19 +2,24 @@
 
 Layout of a checkpoint directory:
   model.safetensors   every tensor of the patched model (factors U, V[, U2, V2] for compressed linears)
-  config.json         the model config with a `quantization_config` block (method, ratio, ranks)
-  lrinfer.json        manifest: format version, ranks, tensor shapes/dtypes, sha256 of every file
+  config.json         the model config with a `quantization_config` block: `CheckpointSpec.to_dict()`
+  lrinfer.json        manifest: the spec's format fields, tensor shapes/dtypes, sha256 of every file
   tokenizer files, and report.json when written by `lrinfer compress`
+`CheckpointSpec` owns the format (version, method, ratio, ranks, factor layout, dtype, base model):
+every reader (`load_checkpoint`, the transformers quantizer in `lrinfer.hf`, the vLLM plugin, resume)
+parses it with `CheckpointSpec.from_dict` and rebuilds the model with `skeleton`.
 The directory appears atomically (written beside it, then renamed). Nothing is ever unpickled.
 """
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import hashlib
 import json
 import os
 import shutil
 from pathlib import Path
+from typing import Mapping
 
 import torch
 from torch import nn
@@ -25,6 +30,160 @@ MANIFEST = "lrinfer.json"
 WEIGHTS = "model.safetensors"
 FORMAT_VERSION = 1
 QUANT_METHOD = "lrinfer"
+# How the factors of a compressed linear are stored (every version so far; a residual pair likewise).
+# Storing V as [k, in] (an nn.Linear weight) was measured against it for SmolLM2 decode on one CPU
+# thread and gained nothing outside the noise (docs/results.md), and the GPU kernels' 16-byte loads
+# read V's rows along k; a new layout would be a new format version and a new entry here.
+LAYOUT = "V[in,k] U[out,k]"
+LAYOUTS = (LAYOUT,)
+_MANIFEST_FIELDS = ("format_version", "base_model", "method", "ratio", "ranks", "layout", "dtype")
+
+
+def parse_ranks(ranks, where: str = "quantization_config") -> dict[str, tuple[int, int]]:
+    """{linear name: [k, k2] | [k] | k} -> {name: (k, k2)}, checked (k >= 1, k2 >= 0, integers).
+    The only parser of a checkpoint's ranks."""
+    if not isinstance(ranks, Mapping):
+        raise CheckpointError(f"{where}: 'ranks' is a {type(ranks).__name__}, not an object "
+                              "{linear name: [rank, residual rank]}; re-create the checkpoint")
+    out = {}
+    for name, rk in ranks.items():
+        r1, r2 = (list(rk) + [0])[:2] if isinstance(rk, (list, tuple)) and 1 <= len(rk) <= 2 else (rk, 0)
+        if not (isinstance(name, str) and type(r1) is int and type(r2) is int and r1 >= 1 and r2 >= 0):
+            raise CheckpointError(f"{where}: ranks[{name!r}] = {rk!r}; expected [rank >= 1, residual rank >= 0] "
+                                  "(integers); re-create the checkpoint")
+        out[name] = (r1, r2)
+    return out
+
+
+@dataclasses.dataclass(frozen=True)
+class CheckpointSpec:
+    """The format of one compressed checkpoint: config.json's `quantization_config` and the format
+    fields of lrinfer.json are its `to_dict()`.
+
+    ranks: {qualified linear name: (rank, residual rank)}; layout: how the factors are stored
+    (`LAYOUT`: V [in, k], U [out, k], a residual pair V2 [in, k2], U2 [out, k2]); dtype: the floating
+    dtype the tensors were written in; method, ratio, base_model: how it was made (informational);
+    extra: any other keys (selection, allocation, the full config, a recipe search), kept as given.
+    """
+
+    ranks: dict[str, tuple[int, int]]
+    method: str | None = None
+    ratio: float | None = None
+    base_model: str | None = None
+    dtype: str | None = None
+    layout: str = LAYOUT
+    version: int = FORMAT_VERSION
+    extra: dict = dataclasses.field(default_factory=dict)
+
+    def __post_init__(self):   # ranks as given ([k, k2], [k] or k) -> checked (k, k2)
+        object.__setattr__(self, "ranks", parse_ranks(self.ranks, "CheckpointSpec"))
+
+    @classmethod
+    def of(cls, model: nn.Module, method: str | None = None, ratio: float | None = None, **extra) -> "CheckpointSpec":
+        """The spec of a patched model: ranks from its `LowRankLinear` modules."""
+        from .nn import lowrank_modules
+        return cls({n: (m.rank, m.rank2) for n, m in lowrank_modules(model).items()}, method, ratio, extra=extra)
+
+    @classmethod
+    def of_compression(cls, config, ranks: Mapping, **extra) -> "CheckpointSpec":
+        """The spec of a compression run: `config` a `CompressConfig`, `ranks` its result's ranks."""
+        return cls(dict(ranks), config.method, config.ratio,
+                   extra={"selection": config.selection, "allocation": config.allocation,
+                          "config": config.to_dict(), **extra})
+
+    def replace(self, **changes) -> "CheckpointSpec":
+        return dataclasses.replace(self, **changes)
+
+    def to_dict(self) -> dict:
+        """The `quantization_config` block (JSON types only)."""
+        d = {**self.extra, "quant_method": QUANT_METHOD, "format_version": self.version, "method": self.method,
+             "ratio": self.ratio, "ranks": {n: [r1, r2] for n, (r1, r2) in self.ranks.items()},
+             "layout": self.layout}
+        d.update({k: v for k, v in (("base_model", self.base_model), ("dtype", self.dtype)) if v is not None})
+        return d
+
+    def manifest_fields(self) -> dict:
+        """The format fields lrinfer.json repeats (the manifest adds tensors, aliases and files)."""
+        d = self.to_dict()
+        return {"format": QUANT_METHOD, **{k: d.get(k) for k in _MANIFEST_FIELDS}}
+
+    @classmethod
+    def from_dict(cls, d, where: str = "quantization_config") -> "CheckpointSpec":
+        """Parse a `quantization_config` block or a manifest; a bad field raises CheckpointError (one line).
+        A version 1 block without `layout` has the one layout version 1 knows."""
+        if not isinstance(d, Mapping):
+            raise CheckpointError(f"{where}: holds a {type(d).__name__}, not an object; re-create the checkpoint")
+        d = dict(d)
+        kind = d.pop("quant_method", None) or d.pop("format", None)
+        if kind not in (None, QUANT_METHOD):
+            raise CheckpointError(f"{where}: quant_method is {kind!r}, not {QUANT_METHOD!r}; not an lrinfer checkpoint")
+        version = d.pop("format_version", FORMAT_VERSION)
+        if type(version) is not int or version < 1:
+            raise CheckpointError(f"{where}: format_version is {version!r}, not a positive integer; "
+                                  "re-create the checkpoint")
+        if version > FORMAT_VERSION:
+            raise CheckpointError(f"{where}: format version {version} is newer than this lrinfer supports "
+                                  f"({FORMAT_VERSION}); upgrade lrinfer")
+        layout = d.pop("layout", LAYOUT)
+        if layout not in LAYOUTS:
+            raise CheckpointError(f"{where}: layout {layout!r} is not one this lrinfer reads ({', '.join(LAYOUTS)}); "
+                                  "upgrade lrinfer or re-create the checkpoint")
+        fields = {}
+        for key, types in (("method", str), ("ratio", (int, float)), ("base_model", str), ("dtype", str)):
+            v = d.pop(key, None)
+            if v is not None and (not isinstance(v, types) or isinstance(v, bool)):
+                raise CheckpointError(f"{where}: '{key}' is {v!r}; expected a {getattr(types, '__name__', 'number')} "
+                                      "or null; re-create the checkpoint")
+            fields[key] = v
+        if fields["dtype"] is not None and not isinstance(getattr(torch, fields["dtype"], None), torch.dtype):
+            raise CheckpointError(f"{where}: dtype {fields['dtype']!r} is not a torch dtype; re-create the checkpoint")
+        ranks = parse_ranks(d.pop("ranks", {}), where)
+        for key in ("tensors", "aliases", "files"):   # a manifest's own fields
+            d.pop(key, None)
+        return cls(ranks, version=version, layout=layout, extra=d, **fields)
+
+    def check_manifest(self, manifest: dict, where: Path) -> None:
+        """Refuse a manifest (of the checkpoint at `where`) whose format fields are not this spec's."""
+        held = CheckpointSpec.from_dict(manifest, str(where / MANIFEST))
+        if (held.ranks, held.layout, held.version) != (self.ranks, self.layout, self.version):
+            raise CheckpointError(f"{where}: config.json's quantization_config does not match {MANIFEST} "
+                                  "(ranks, layout or version differ); the checkpoint was edited or mixed")
+
+    def check_model(self, model: nn.Module) -> None:
+        """Refuse a spec whose ranks are not those of the model's `LowRankLinear` modules."""
+        have = CheckpointSpec.of(model).ranks
+        if have != self.ranks:
+            diff = sorted(set(have.items()) ^ set(self.ranks.items()))[:3]
+            raise LrinferError(f"the checkpoint spec's ranks differ from the model's LowRankLinear modules "
+                               f"(e.g. {diff}); build it with CheckpointSpec.of(model, ...)")
+
+
+def skeleton(model: nn.Module, spec: CheckpointSpec, where: str = "checkpoint") -> nn.Module:
+    """Swap every linear named in `spec.ranks` for a `LowRankLinear` of those ranks on the meta device
+    (dtype: the linear's), in place; the dense weights are never allocated. A layer that already is a
+    `LowRankLinear` of those ranks is kept. Returns `model`."""
+    from .nn import LowRankLinear, replace_module
+
+    model_type = getattr(getattr(model, "config", None), "model_type", type(model).__name__)
+    for name, (r1, r2) in spec.ranks.items():
+        try:
+            old = model.get_submodule(name)
+        except AttributeError:
+            raise CheckpointError(f"{where}: ranks name '{name}', which this {model_type} model lacks; "
+                                  "the checkpoint belongs to another model") from None
+        if isinstance(old, LowRankLinear) and (old.rank, old.rank2) == (r1, r2):
+            continue
+        if not isinstance(old, nn.Linear):
+            raise CheckpointError(f"{where}: '{name}' is not a linear layer ({type(old).__name__}); "
+                                  "the checkpoint belongs to another model")
+        full = min(old.in_features, old.out_features)
+        if r1 + r2 > full:
+            raise CheckpointError(f"{where}: rank {[r1, r2]} of '{name}' is out of range for a "
+                                  f"[{old.out_features}, {old.in_features}] layer (1 <= rank + residual rank "
+                                  f"<= {full})")
+        replace_module(model, name, LowRankLinear(old.in_features, old.out_features, r1, r2, old.bias is not None,
+                                                  device="meta", dtype=old.weight.dtype))
+    return model
 
 
 def sha256_file(path: Path) -> str:
@@ -150,12 +309,14 @@ def save_dtype(model: nn.Module, source: str | None = None) -> torch.dtype:
     return dtype if dtype in (torch.float16, torch.bfloat16) else torch.bfloat16
 
 
-def save_checkpoint(model: nn.Module, tokenizer, out: str | os.PathLike, quantization_config: dict,
-                    base_model: str, extra_files: dict[str, bytes] | None = None,
-                    overwrite: bool = False, dtype: torch.dtype | None = None) -> Path:
+def save_checkpoint(model: nn.Module, tokenizer, out: str | os.PathLike,
+                    spec: CheckpointSpec | Mapping | None = None, base_model: str | None = None,
+                    extra_files: dict[str, bytes] | None = None, overwrite: bool = False,
+                    dtype: torch.dtype | None = None) -> Path:
     """Write the patched `model` to `out` atomically, its floating tensors in `dtype` (default: as they
-    are; see `save_dtype`). `quantization_config` holds at least method, ratio and ranks
-    {name: [rank, rank2]}. Returns the directory."""
+    are; see `save_dtype`). `spec`: a `CheckpointSpec` (default `CheckpointSpec.of(model)`), or a mapping
+    `CheckpointSpec.from_dict` reads ({"method", "ratio", "ranks", ...}); its ranks must be the model's.
+    Returns the directory."""
     from safetensors.torch import save_file
 
     tensors, aliases = _unique_state_dict(model)
@@ -163,53 +324,55 @@ def save_checkpoint(model: nn.Module, tokenizer, out: str | os.PathLike, quantiz
         tensors = {k: v.to(dtype) if v.is_floating_point() else v for k, v in tensors.items()}
     meta = {k: (tuple(v.shape), v.dtype) for k, v in tensors.items()}
     return write_checkpoint_dir(
-        model, tokenizer, out, quantization_config, base_model, meta, aliases,
+        model, tokenizer, out, spec, base_model, meta, aliases,
         lambda path: save_file({k: v.cpu() for k, v in tensors.items()}, str(path), metadata={"format": "pt"}),
         extra_files, overwrite, dtype)
 
 
-def write_checkpoint_dir(model: nn.Module, tokenizer, out: str | os.PathLike, quantization_config: dict,
-                         base_model: str, tensors: dict[str, tuple], aliases: dict[str, str],
+def _spec_for(model: nn.Module, spec, base_model: str | None, dtype: torch.dtype | None) -> CheckpointSpec:
+    spec = CheckpointSpec.of(model) if spec is None else spec
+    spec = spec if isinstance(spec, CheckpointSpec) else CheckpointSpec.from_dict(spec, "save_checkpoint's spec")
+    spec.check_model(model)
+    floats = [p.dtype for p in model.parameters() if p.is_floating_point()]
+    dtype = dtype or (max(set(floats), key=floats.count) if floats else None)
+    return spec.replace(base_model=base_model or spec.base_model,
+                        dtype=str(dtype).removeprefix("torch.") if dtype is not None else spec.dtype)
+
+
+def write_checkpoint_dir(model: nn.Module, tokenizer, out: str | os.PathLike, spec: CheckpointSpec | Mapping | None,
+                         base_model: str | None, tensors: dict[str, tuple], aliases: dict[str, str],
                          write_weights, extra_files: dict[str, bytes] | None = None, overwrite: bool = False,
                          dtype: torch.dtype | None = None) -> Path:
     """Everything of a checkpoint directory around its weights, written beside `out` and renamed into
     place: `write_weights(path)` writes the safetensors file, whose tensors are `tensors` {name: (shape,
-    dtype)} (+ `aliases` {name: name it shares}); then config.json (architectures, dtype,
-    quantization_config), the tokenizer, `extra_files`, and the manifest with every file's sha256."""
+    dtype)} (+ `aliases` {name: name it shares}); then config.json (architectures, dtype, the spec as
+    quantization_config), the tokenizer, `extra_files`, and the manifest (`write_manifest`)."""
     out = Path(out)
-    _prepare_out_dir(out, base_model, overwrite)
+    spec = _spec_for(model, spec, base_model, dtype)
+    _prepare_out_dir(out, spec.base_model, overwrite)
     out.parent.mkdir(parents=True, exist_ok=True)
     tmp = out.parent / f".{out.name}.tmp-{os.getpid()}"
     shutil.rmtree(tmp, ignore_errors=True)
     tmp.mkdir()
     try:
         write_weights(tmp / WEIGHTS)
-        qc = {"quant_method": QUANT_METHOD, "format_version": FORMAT_VERSION, **quantization_config}
         config = model.config.to_dict()
         if not config.get("architectures"):   # None for models loaded from GGUF; vLLM and others key on it
             config["architectures"] = [type(model).__name__]
         if dtype is not None:
             config["dtype"] = str(dtype).removeprefix("torch.")
-        config["quantization_config"] = qc
+        config["quantization_config"] = spec.to_dict()
         (tmp / "config.json").write_text(json.dumps(config, indent=2, sort_keys=True, default=str))
         if tokenizer is not None:
             tokenizer.save_pretrained(str(tmp))
         for name, data in (extra_files or {}).items():
             (tmp / name).write_bytes(data)
-        files = {}
         for p in sorted(tmp.iterdir()):
             if p.is_file():
                 with open(p, "rb") as f:
                     os.fsync(f.fileno())
-                files[p.name] = {"sha256": sha256_file(p), "bytes": p.stat().st_size}
-        manifest = {
-            "format": QUANT_METHOD, "format_version": FORMAT_VERSION, "base_model": base_model,
-            "method": qc.get("method"), "ratio": qc.get("ratio"), "ranks": qc.get("ranks", {}),
-            "tensors": {k: {"shape": list(shape), "dtype": str(d).removeprefix("torch.")}
-                        for k, (shape, d) in tensors.items()},
-            "aliases": aliases, "files": files,
-        }
-        atomic_write_bytes(tmp / MANIFEST, json.dumps(manifest, indent=2, sort_keys=True).encode())
+        write_manifest(tmp, spec, {k: {"shape": list(shape), "dtype": str(d).removeprefix("torch.")}
+                                   for k, (shape, d) in tensors.items()}, aliases)
         _fsync_dir(tmp)
         old = out.parent / f".{out.name}.old-{os.getpid()}"
         if out.exists():
@@ -221,6 +384,18 @@ def write_checkpoint_dir(model: nn.Module, tokenizer, out: str | os.PathLike, qu
         shutil.rmtree(tmp, ignore_errors=True)
         raise
     return out
+
+
+def write_manifest(folder: Path, spec: CheckpointSpec, tensors: dict[str, dict], aliases: dict[str, str]) -> Path:
+    """Write lrinfer.json into `folder`: the spec's format fields, `tensors` {name: {shape, dtype}},
+    `aliases` {tied name: saved name}, and the size and sha256 of every other file there. The one writer
+    of a manifest (`write_checkpoint_dir`, `lrinfer.hf.write_manifest`)."""
+    folder = Path(folder)
+    files = {p.name: {"sha256": sha256_file(p), "bytes": p.stat().st_size}
+             for p in sorted(folder.iterdir()) if p.is_file() and p.name != MANIFEST and not p.name.startswith(".")}
+    manifest = {**spec.manifest_fields(), "tensors": tensors, "aliases": aliases, "files": files}
+    atomic_write_bytes(folder / MANIFEST, json.dumps(manifest, indent=2, sort_keys=True).encode())
+    return folder / MANIFEST
 
 
 def verify_files(path: Path, manifest: dict) -> None:
@@ -268,6 +443,22 @@ def params_on_meta():
         nn.Module.register_parameter = register
 
 
+def read_spec(path: Path, manifest: dict, config_dict: dict | None = None) -> CheckpointSpec:
+    """The checkpoint's spec from its config.json's `quantization_config`, which must agree with the
+    manifest's format fields (`manifest`: `read_manifest(path)`; `config_dict`: the parsed config.json,
+    read from `path` when None)."""
+    path = Path(path)
+    if config_dict is None:
+        config_dict = json.loads((path / "config.json").read_text())
+    qc = config_dict.get("quantization_config") if isinstance(config_dict, dict) else None
+    if not isinstance(qc, dict) or qc.get("quant_method") != QUANT_METHOD:
+        raise CheckpointError(f"{path}: config.json's quantization_config does not match {MANIFEST} "
+                              "(it is not an lrinfer block); the checkpoint was edited or mixed")
+    spec = CheckpointSpec.from_dict(qc, f"{path / 'config.json'}: quantization_config")
+    spec.check_manifest(manifest, path)
+    return spec
+
+
 def load_checkpoint(path: str | os.PathLike, device: str = "cpu", dtype: torch.dtype | None = None,
                     verify: bool = True):
     """Rebuild the patched model from a checkpoint directory. Returns (model, tokenizer).
@@ -279,8 +470,6 @@ def load_checkpoint(path: str | os.PathLike, device: str = "cpu", dtype: torch.d
     from safetensors import SafetensorError
     from safetensors.torch import load_file
     from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
-
-    from .nn import LowRankLinear, replace_module
 
     path = Path(path)
     if not path.is_dir():
@@ -296,10 +485,7 @@ def load_checkpoint(path: str | os.PathLike, device: str = "cpu", dtype: torch.d
         raise CheckpointError(f"{path / 'config.json'}: unreadable ({_one_line(e)})") from None
     if not isinstance(config_dict, dict):
         raise CheckpointError(f"{path / 'config.json'}: holds a {type(config_dict).__name__}, not a JSON object")
-    qc = config_dict.get("quantization_config") or {}
-    if not isinstance(qc, dict) or qc.get("quant_method") != QUANT_METHOD or qc.get("ranks") != manifest.get("ranks"):
-        raise CheckpointError(f"{path}: config.json's quantization_config does not match {MANIFEST} "
-                              "(method or ranks differ); the checkpoint was edited or mixed")
+    spec = read_spec(path, manifest, config_dict)
     try:
         config = AutoConfig.from_pretrained(str(path))
         if hasattr(config, "quantization_config"):
@@ -309,21 +495,7 @@ def load_checkpoint(path: str | os.PathLike, device: str = "cpu", dtype: torch.d
     except Exception as e:  # anything transformers raises on a bad config: unknown model_type, bad field, ...
         raise CheckpointError(f"{path / 'config.json'}: cannot build the model from it "
                               f"({type(e).__name__}: {_one_line(e)})") from None
-    ranks = manifest["ranks"]
-    for name, rk in ranks.items():
-        try:
-            old = model.get_submodule(name)
-        except AttributeError:
-            raise CheckpointError(f"{path}: ranks name '{name}', which this {config.model_type} model lacks") from None
-        if not isinstance(old, nn.Linear):
-            raise CheckpointError(f"{path}: '{name}' is not a linear layer")
-        r1, r2 = (list(rk) + [0])[:2] if isinstance(rk, (list, tuple)) else (rk, 0)
-        full = min(old.in_features, old.out_features)
-        if not (type(r1) is int and type(r2) is int and 1 <= r1 and 0 <= r2 and r1 + r2 <= full):
-            raise CheckpointError(f"{path}: rank {rk!r} of '{name}' is out of range for a "
-                                  f"[{old.out_features}, {old.in_features}] layer (1 <= rank <= {full})")
-        replace_module(model, name, LowRankLinear(old.in_features, old.out_features, r1, r2,
-                                                  old.bias is not None, device="meta"))
+    skeleton(model, spec, str(path))
     if not (path / WEIGHTS).is_file():
         raise CheckpointError(f"{path / WEIGHTS}: missing or not a file; the checkpoint holds no weights")
     try:

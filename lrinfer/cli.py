@@ -306,7 +306,7 @@ def _ppl(model, tok, args, data_dir, progress, streamer=None) -> dict:
 def cmd_compress(args) -> dict:
     import torch
 
-    from .checkpoint import atomic_write_bytes, save_checkpoint, save_dtype
+    from .checkpoint import CheckpointSpec, atomic_write_bytes, save_checkpoint, save_dtype
     from .compress import CompressConfig
     from .data import resolve_data_dir
     from .models import load_model
@@ -379,19 +379,17 @@ def cmd_compress(args) -> dict:
         _round_weights(model, out_dtype)
         report["ppl"] = _ppl(model, tok, args, data_dir, progress)
         report["ppl"]["weights"] = f"stored in {report['dtype']}, computed in {next(model.parameters()).dtype}"
-    qc = {"method": config.method, "ratio": config.ratio, "selection": config.selection,
-          "allocation": config.allocation, "ranks": result.ranks, "config": config.to_dict()}
-    if search:
-        qc["recipe_search"] = {"chosen": search.best.label, "criterion": search.criterion}
+    spec = CheckpointSpec.of_compression(config, result.ranks, **({"recipe_search": {
+        "chosen": search.best.label, "criterion": search.criterion}} if search else {}))
     if streamed:   # written tensor by tensor; perplexity then reads the checkpoint back block by block
         from .streaming import checkpoint_streamer, save_streamed_checkpoint
-        save_streamed_checkpoint(model, tok, out, qc, base_model=source, factor_dir=result.work_dir,
+        save_streamed_checkpoint(model, tok, out, spec, base_model=source, factor_dir=result.work_dir,
                                  overwrite=args.overwrite, dtype=out_dtype)
         if not args.no_eval:
             report["ppl"] = _ppl(model, tok, args, data_dir, progress, checkpoint_streamer(model, out))
             report["ppl"]["weights"] = f"stored in {report['dtype']}, computed in {plan.dtype}"
     else:
-        save_checkpoint(model, tok, out, qc, base_model=source, overwrite=args.overwrite, dtype=out_dtype)
+        save_checkpoint(model, tok, out, spec, base_model=source, overwrite=args.overwrite, dtype=out_dtype)
     report["peak_host_bytes"] = peak_rss()
     report["out"] = str(out)
     report["bytes_on_disk"] = dir_bytes(out)

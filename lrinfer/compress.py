@@ -13,6 +13,7 @@ from tqdm.auto import tqdm
 from .allocation import get_allocator
 from .calibration import (_on, capture_inputs, collect_stats, fisher_information, linear_stages, run_block,
                           swapped_in)
+from .checkpoint import CheckpointSpec, skeleton
 from .errors import LrinferError
 from .factors import FactorPair, check_ratio
 from .kernels.configs import RANK_ALIGN
@@ -224,11 +225,7 @@ def compress(model: nn.Module, config: CompressConfig, calib_ids: torch.Tensor, 
         start = 0
         if saved:
             if streamer is not None:   # finished blocks stay on disk; the skeleton learns their shapes
-                for name, (r1, r2) in saved.factor_ranks.items():
-                    lin = model.get_submodule(name)
-                    replace_module(model, name, LowRankLinear(lin.in_features, lin.out_features, r1, r2,
-                                                              lin.bias is not None, device="meta",
-                                                              dtype=streamer.dtype))
+                skeleton(model, CheckpointSpec(saved.factor_ranks), str(work_dir))
             for name, pair in saved.factors.items():
                 lin = model.get_submodule(name)
                 new = LowRankLinear.from_factors(pair.to(device), lin.bias)

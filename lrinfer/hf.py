@@ -25,48 +25,32 @@ import os
 from pathlib import Path
 
 import torch
-from torch import nn
 from transformers.quantizers import HfQuantizer, register_quantization_config, register_quantizer
 from transformers.quantizers.auto import AUTO_QUANTIZATION_CONFIG_MAPPING, AUTO_QUANTIZER_MAPPING
 from transformers.utils.quantization_config import QuantizationConfigMixin
 
-from .checkpoint import (FORMAT_VERSION, MANIFEST, QUANT_METHOD, WEIGHTS, atomic_write_bytes, read_manifest,
-                         sha256_file, verify_files)
+from . import checkpoint
+from .checkpoint import MANIFEST, QUANT_METHOD, WEIGHTS, CheckpointSpec, read_manifest, skeleton, verify_files
 from .errors import CheckpointError
-from .nn import LowRankLinear, lowrank_modules, replace_module
 
 log = logging.getLogger(__name__)
 
 __all__ = ["LrinferConfig", "LrinferHfQuantizer", "mark_patched", "save_pretrained", "write_manifest"]
 
 
-def _split_rank(name: str, rk) -> tuple[int, int]:
-    r1, r2 = (list(rk) + [0])[:2] if isinstance(rk, (list, tuple)) else (rk, 0)
-    if not (isinstance(r1, int) and isinstance(r2, int) and r1 >= 1 and r2 >= 0):
-        raise CheckpointError(f"quantization_config.ranks['{name}'] = {rk!r}; expected [rank >= 1, residual rank >= 0]")
-    return r1, r2
-
-
 class LrinferConfig(QuantizationConfigMixin):
-    """The `quantization_config` block of an lrinfer checkpoint.
+    """The `quantization_config` block of an lrinfer checkpoint: the attributes of
+    `CheckpointSpec.to_dict()` (parsed and checked by `CheckpointSpec.from_dict`); `spec` gives it back.
+    Unknown keys (e.g. written by a newer lrinfer) are kept and saved back."""
 
-    ranks: {qualified linear name: [rank, residual rank]}; method and ratio: how it was made
-    (informational). Unknown keys (e.g. written by a newer lrinfer) are kept and saved back.
-    """
-
-    def __init__(self, ranks: dict | None = None, method: str | None = None, ratio: float | None = None,
-                 format_version: int = FORMAT_VERSION, **kwargs):
-        kwargs.pop("quant_method", None)
-        self.quant_method = QUANT_METHOD
-        self.format_version = format_version
-        self.method = method
-        self.ratio = ratio
-        self.ranks = {k: list(_split_rank(k, v)) for k, v in (ranks or {}).items()}
-        for k, v in kwargs.items():
+    def __init__(self, **kwargs):
+        kwargs.setdefault("quant_method", QUANT_METHOD)
+        for k, v in CheckpointSpec.from_dict(kwargs).to_dict().items():
             setattr(self, k, v)
-        if int(format_version) > FORMAT_VERSION:
-            raise CheckpointError(f"lrinfer checkpoint format version {format_version} is newer than this lrinfer "
-                                  f"supports ({FORMAT_VERSION}); upgrade lrinfer")
+
+    @property
+    def spec(self) -> CheckpointSpec:
+        return CheckpointSpec.from_dict(self.to_dict())
 
 
 class LrinferHfQuantizer(HfQuantizer):
@@ -89,39 +73,17 @@ class LrinferHfQuantizer(HfQuantizer):
     def _process_model_before_weight_loading(self, model, checkpoint_files=None, **kwargs):
         """Check the files against lrinfer.json (when present), then swap the compressed linears
         for `LowRankLinear` modules on the meta device."""
-        ranks = self.quantization_config.ranks
+        spec = self.quantization_config.spec
         folder = Path(checkpoint_files[0]).parent if checkpoint_files else None
         if folder is not None and (folder / MANIFEST).is_file():
             manifest = read_manifest(folder)
             verify_files(folder, manifest)
-            if {k: list(_split_rank(k, v)) for k, v in manifest.get("ranks", {}).items()} != ranks:
-                raise CheckpointError(f"{folder}: config.json's quantization_config does not match {MANIFEST} "
-                                      "(ranks differ); the checkpoint was edited or mixed")
+            spec.check_manifest(manifest, folder)
             self.manifest = manifest
             log.info("lrinfer: %d files in %s match their sha256", len(manifest.get("files", {})), folder)
         else:
             log.warning("lrinfer: no %s beside the weights (%s); checksums not verified", MANIFEST, folder)
-        model_type = getattr(model.config, "model_type", type(model).__name__)
-        for name, rk in ranks.items():
-            try:
-                old = model.get_submodule(name)
-            except AttributeError:
-                raise CheckpointError(f"quantization_config.ranks names '{name}', which this {model_type} "
-                                      "model lacks") from None
-            if isinstance(old, LowRankLinear):
-                continue
-            if not isinstance(old, nn.Linear):
-                raise CheckpointError(f"quantization_config.ranks names '{name}', a {type(old).__name__}, "
-                                      "not a linear layer")
-            r1, r2 = rk
-            full = min(old.in_features, old.out_features)
-            if r1 + r2 > full:
-                raise CheckpointError(f"rank {rk} of '{name}' is out of range for a [{old.out_features}, "
-                                      f"{old.in_features}] layer (rank + residual rank <= {full})")
-            replace_module(model, name, LowRankLinear(old.in_features, old.out_features, r1, r2,
-                                                      old.bias is not None, device="meta",
-                                                      dtype=old.weight.dtype))
-        return model
+        return skeleton(model, spec, "quantization_config")
 
     def _process_model_after_weight_loading(self, model, **kwargs):
         _install_save_hook(model)
@@ -148,15 +110,14 @@ if QUANT_METHOD not in AUTO_QUANTIZER_MAPPING:
 
 # ----------------------------------------------------------------------------- saving
 
-def mark_patched(model, ranks: dict | None = None, method: str | None = None, ratio: float | None = None,
-                 **extra) -> LrinferConfig:
+def mark_patched(model, spec: CheckpointSpec | None = None, **fields) -> LrinferConfig:
     """Make a model patched in memory (by `lrinfer.compress` or `lrinfer.patch`) save like a
     loaded checkpoint: sets `model.config.quantization_config` and `model.hf_quantizer`, so
     `model.save_pretrained(dir)` writes a directory `from_pretrained` and `load_checkpoint` read.
-    `ranks` defaults to those of the model's `LowRankLinear` modules."""
-    if ranks is None:
-        ranks = {n: [m.rank, m.rank2] for n, m in lowrank_modules(model).items()}
-    qc = LrinferConfig(ranks=ranks, method=method, ratio=ratio, **extra)
+    `spec` defaults to `CheckpointSpec.of(model, **fields)` (fields: method, ratio, extra keys)."""
+    spec = spec if spec is not None else CheckpointSpec.of(model, **fields)
+    spec.check_model(model)
+    qc = LrinferConfig(**spec.to_dict())
     model.config.quantization_config = qc
     model.hf_quantizer = LrinferHfQuantizer(qc, pre_quantized=True)
     model.is_quantized = True
@@ -210,8 +171,9 @@ def write_manifest(folder: str | os.PathLike, model, base_model: str | None = No
         raise CheckpointError(f"{folder}: no single {WEIGHTS} ({len(shards)} shards); lrinfer.json needs an "
                               "unsharded checkpoint: pass a larger max_shard_size")
     qc = json.loads((folder / "config.json").read_text()).get("quantization_config") or {}
-    if qc.get("quant_method") != QUANT_METHOD:
+    if not isinstance(qc, dict) or qc.get("quant_method") != QUANT_METHOD:
         raise CheckpointError(f"{folder / 'config.json'} has no lrinfer quantization_config")
+    spec = CheckpointSpec.from_dict(qc, f"{folder / 'config.json'}: quantization_config")
     tensors = {}
     with safe_open(str(folder / WEIGHTS), framework="pt") as f:
         for k in f.keys():
@@ -232,16 +194,8 @@ def write_manifest(folder: str | os.PathLike, model, base_model: str | None = No
                 raise CheckpointError(f"{folder / WEIGHTS}: '{k}' is neither saved nor tied to a saved tensor")
             aliases[k] = saved
     prior = getattr(getattr(model, "hf_quantizer", None), "manifest", None) or {}
-    files = {p.name: {"sha256": sha256_file(p), "bytes": p.stat().st_size}
-             for p in sorted(folder.iterdir()) if p.is_file() and p.name != MANIFEST and not p.name.startswith(".")}
-    manifest = {
-        "format": QUANT_METHOD, "format_version": FORMAT_VERSION,
-        "base_model": base_model or prior.get("base_model") or getattr(model.config, "name_or_path", None),
-        "method": qc.get("method"), "ratio": qc.get("ratio"), "ranks": qc.get("ranks", {}),
-        "tensors": tensors, "aliases": aliases, "files": files,
-    }
-    atomic_write_bytes(folder / MANIFEST, json.dumps(manifest, indent=2, sort_keys=True).encode())
-    return folder / MANIFEST
+    base = base_model or spec.base_model or prior.get("base_model") or getattr(model.config, "name_or_path", None)
+    return checkpoint.write_manifest(folder, spec.replace(base_model=base or None), tensors, aliases)
 
 
 _ST_DTYPES = {"F64": torch.float64, "F32": torch.float32, "F16": torch.float16, "BF16": torch.bfloat16,

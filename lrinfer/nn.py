@@ -116,14 +116,14 @@ class LowRankLinear(nn.Module):
         return self.factors().dense()
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        V = self.V
-        if not self._checked or x.shape[-1] != V.shape[0] or x.dtype != V.dtype or x.device != V.device:
-            _validate(x, V, self.U, self.bias, self.V2, self.U2)   # raises, naming the mismatch
+        p = self._parameters   # dict reads, not nn.Module.__getattr__: a decode step makes hundreds of calls
+        V, U, bias, V2, U2 = p["V"], p["U"], p.get("bias"), p.get("V2"), p.get("U2")
+        if not self._checked or x.shape[-1] != V.shape[0] or x.dtype is not V.dtype or x.device != V.device:
+            _validate(x, V, U, bias, V2, U2)   # raises, naming the mismatch
             self._checked = True
         if x.is_cuda and not (torch.is_grad_enabled() and V.requires_grad):  # kernels: padded views
-            return lowrank_forward(x, kernel_view(V), kernel_view(self.U), self.bias,
-                                   kernel_view(self.V2), kernel_view(self.U2))
-        return lowrank_forward(x, V, self.U, self.bias, self.V2, self.U2)
+            return lowrank_forward(x, kernel_view(V), kernel_view(U), bias, kernel_view(V2), kernel_view(U2))
+        return lowrank_forward(x, V, U, bias, V2, U2)
 
     def __setattr__(self, name, value):
         if name in ("V", "U", "V2", "U2", "bias"):

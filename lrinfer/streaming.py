@@ -379,7 +379,7 @@ def write_safetensors(path: str | os.PathLike, entries: list[tuple[str, torch.dt
         os.fsync(f.fileno())
 
 
-def save_streamed_checkpoint(model: nn.Module, tokenizer, out: str | os.PathLike, quantization_config: dict,
+def save_streamed_checkpoint(model: nn.Module, tokenizer, out: str | os.PathLike, spec,
                              base_model: str, factor_dir: str | os.PathLike, overwrite: bool = False,
                              dtype: torch.dtype | None = None) -> Path:
     """`checkpoint.save_checkpoint` for a streamed, compressed model: the same directory layout, written
@@ -412,7 +412,7 @@ def save_streamed_checkpoint(model: nn.Module, tokenizer, out: str | os.PathLike
         return src.read([name])[name]
 
     return write_checkpoint_dir(
-        model, tokenizer, out, quantization_config, base_model, {k: (s, d) for k, d, s in entries}, aliases,
+        model, tokenizer, out, spec, base_model, {k: (s, d) for k, d, s in entries}, aliases,
         lambda path: write_safetensors(path, entries, fetch, {"format": "pt"}), overwrite=overwrite, dtype=dtype)
 
 

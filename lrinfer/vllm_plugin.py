@@ -32,7 +32,7 @@ from __future__ import annotations
 
 import torch
 
-QUANT_METHOD = "lrinfer"
+from lrinfer.checkpoint import QUANT_METHOD, CheckpointSpec
 QUANT_METHOD_ONEDNN = "lrinfer_onednn"   # opt-in CPU path: --quantization lrinfer_onednn
 # vLLM's fused linears and the Hugging Face linears they stack (Llama, Qwen2/3, Mistral, Gemma); vLLM
 # also hands each model's own `packed_modules_mapping` to the config, which takes precedence.
@@ -49,14 +49,6 @@ def shard_names(prefix: str, packed: dict | None = None) -> list[str]:
     if last in packed:
         return [f"{head}.{n}" if head else n for n in packed[last]]
     return [prefix]
-
-
-def split_rank(name: str, rk) -> tuple[int, int]:
-    """quantization_config.ranks[name] ([k, k2], [k] or k) -> (k, k2), checked."""
-    r1, r2 = (list(rk) + [0])[:2] if isinstance(rk, (list, tuple)) else (rk, 0)
-    if not (type(r1) is int and type(r2) is int and r1 >= 1 and r2 >= 0):
-        raise ValueError(f"lrinfer: quantization_config.ranks[{name!r}] = {rk!r}; expected [rank >= 1, residual rank >= 0]")
-    return r1, r2
 
 
 def shard_index(loaded_shard_id, n_shards: int) -> int:
@@ -240,9 +232,10 @@ def _build() -> None:
     class LrinferVllmConfig(QuantizationConfig):
         """config.json's quantization_config {quant_method: lrinfer, ranks: {name: [k, k2]}, ...}."""
 
-        def __init__(self, ranks: dict):
+        def __init__(self, spec: CheckpointSpec):
             super().__init__()
-            self.ranks = {name: split_rank(name, rk) for name, rk in ranks.items()}
+            self.spec = spec
+            self.ranks = dict(spec.ranks)   # {name: (k, k2)}; vLLM's names after apply_vllm_mapper
 
         def get_name(self):
             return QUANT_METHOD
@@ -260,10 +253,7 @@ def _build() -> None:
 
         @classmethod
         def from_config(cls, config: dict) -> "LrinferVllmConfig":
-            ranks = config.get("ranks", {})
-            if not isinstance(ranks, dict):
-                raise ValueError("lrinfer: quantization_config.ranks must be an object {linear name: [k, k2]}")
-            return cls(ranks)
+            return cls(CheckpointSpec.from_dict(config))   # CheckpointError (a ValueError) on a bad block
 
         def apply_vllm_mapper(self, hf_to_vllm_mapper):
             """Models whose vLLM module names differ from Hugging Face's (prefix renames) rename the ranks' keys."""

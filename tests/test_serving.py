@@ -99,11 +99,11 @@ def test_vllm_plugin_without_vllm():
 
 def test_plugin_rank_and_shard_id_rules():
     import lrinfer.vllm_plugin as plugin
-    assert plugin.split_rank("a", [12, 4]) == (12, 4) and plugin.split_rank("a", [12]) == (12, 0)
-    assert plugin.split_rank("a", 7) == (7, 0)
-    for bad in ([0, 0], [3, -1], ["8", 0], 2.5):
+    from lrinfer.checkpoint import parse_ranks   # the one parser the plugin's config reads ranks with
+    assert parse_ranks({"a": [12, 4], "b": [12], "c": 7}) == {"a": (12, 4), "b": (12, 0), "c": (7, 0)}
+    for bad in ([0, 0], [3, -1], ["8", 0], 2.5, [True, 0], [1, 2, 3]):
         with pytest.raises(ValueError, match="expected"):
-            plugin.split_rank("a", bad)
+            parse_ranks({"a": bad})
     assert [plugin.shard_index(s, 3) for s in ("q", "k", "v")] == [0, 1, 2]
     assert plugin.shard_index(1, 2) == 1 and plugin.shard_index(None, 1) == 0
     with pytest.raises(NotImplementedError, match="fused on disk"):
