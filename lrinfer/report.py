@@ -59,7 +59,7 @@ def compression_report(config: CompressConfig, result: CompressionResult, model_
         "selection": config.selection,
         "allocation": config.allocation,
         "config": config.to_dict(),
-        "calibration": {"source": calib_desc, "n_samples": config.n_samples, "seq_len": config.seq_len,
+        "calibration": {"choice": config.calib, "source": calib_desc, "n_samples": config.n_samples, "seq_len": config.seq_len,
                         "seed": config.seed},
         "ranks": result.ranks,
         "params": {"linears_dense": dense_linear, "linears_compressed": compressed_linear,
