@@ -20,7 +20,7 @@ import math
 import random
 import re
 import time
-from dataclasses import asdict, dataclass
+from dataclasses import dataclass
 from pathlib import Path
 
 import torch
@@ -226,8 +226,13 @@ def chat_calibration(model, tok, n_samples: int, seq_len: int, seed: int = 0, pr
     if not has_template(tok):
         raise LrinferError("chat calibration needs a tokenizer with a chat template; use --calib wikitext2")
     prompts = load_calibration_prompts() if prompts is None else list(prompts)
-    rng = random.Random(seed)
-    torch.manual_seed(seed)
+    device = next(model.parameters()).device
+    with torch.random.fork_rng(devices=[device] if device.type == "cuda" else []):   # the caller's RNG untouched
+        torch.manual_seed(seed)
+        return _conversations(model, tok, n_samples, seq_len, prompts, random.Random(seed), settings, progress)
+
+
+def _conversations(model, tok, n_samples, seq_len, prompts, rng, settings, progress) -> torch.Tensor:
     was_training = model.training
     model.eval()
     samples: list[list[int]] = []
@@ -253,7 +258,3 @@ def chat_calibration(model, tok, n_samples: int, seq_len: int, seed: int = 0, pr
     bar.close()
     model.train(was_training)
     return torch.tensor(samples, dtype=torch.long)
-
-
-def settings_dict(settings) -> dict:
-    return asdict(settings)

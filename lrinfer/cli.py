@@ -464,7 +464,7 @@ def _compress_or_search(args, model, tok, config, candidates, data_dir, work_dir
         from .recipe import apply_result
         from .recipe import search as search_recipes
         calib, heldout, calib_desc = calibration_split(tok, config.calib, config.n_samples, config.seq_len,
-                                                       args.heldout, config.seed, data_dir, model)
+                                                       args.heldout, config.seed, data_dir, model, progress)
         search = search_recipes(model, config, calib, heldout, candidates, work_dir=work_dir,
                                 resume=args.resume, progress=progress, screening=_screening(args.screen))
         config, result = search.best.config(config), search.result
@@ -472,7 +472,7 @@ def _compress_or_search(args, model, tok, config, candidates, data_dir, work_dir
         calib_desc += " (plain text: first 90%; recipes scored on the last 10%)"
     else:
         calib, calib_desc = calibration_batch(tok, config.calib, config.n_samples, config.seq_len, config.seed,
-                                              data_dir, model)
+                                              data_dir, model, progress)
         result = compress(model, config, calib, progress, work_dir=work_dir, resume=args.resume,
                           streams=getattr(args, "streams", "auto"))
     return config, result, calib_desc, search

@@ -116,13 +116,13 @@ def resolve_calib(source: str, tokenizer, can_generate: bool = True) -> str:
 
 
 def _chat_part(model, tokenizer, source: str, n_samples: int, seq_len: int, seed: int, plain: torch.Tensor | None,
-               plain_desc: str) -> tuple[torch.Tensor, str]:
+               plain_desc: str, progress: bool = True) -> tuple[torch.Tensor, str]:
     """`chat`: n_samples conversations; `mix`: chat rows alternating with the `plain` rows."""
     from .chat import chat_calibration
     if model is None:
         raise LrinferError(f"calibration source '{source}' needs the model (it writes the conversations)")
     n_chat = n_samples if plain is None else n_samples - plain.shape[0]
-    chat = chat_calibration(model, tokenizer, n_chat, seq_len, seed)
+    chat = chat_calibration(model, tokenizer, n_chat, seq_len, seed, progress=progress)
     desc = "chat: the model's own answers to lrinfer/tasks/chat_calib_prompts.txt through its chat template"
     if plain is None or plain.shape[0] == 0:
         return chat, desc
@@ -143,7 +143,7 @@ def tokenize(tokenizer, text: str) -> torch.Tensor:
 
 
 def calibration_batch(tokenizer, source: str, n_samples: int, seq_len: int, seed: int = 0,
-                      data_dir: Path | None = None, model=None) -> tuple[torch.Tensor, str]:
+                      data_dir: Path | None = None, model=None, progress: bool = True) -> tuple[torch.Tensor, str]:
     """`n_samples` random windows of `seq_len` tokens, [n_samples, seq_len], and a description.
 
     "self" samples text from `model` itself (data-free; the report says so). "chat": conversations
@@ -160,7 +160,7 @@ def calibration_batch(tokenizer, source: str, n_samples: int, seq_len: int, seed
             raise LrinferError("calibration source 'self' needs the model")
         return self_generated(model, tokenizer, n_samples, seq_len, seed), "self-generated (data-free fallback)"
     if source == "chat":
-        return _chat_part(model, tokenizer, source, n_samples, seq_len, seed, None, "")
+        return _chat_part(model, tokenizer, source, n_samples, seq_len, seed, None, "", progress)
     text, desc = load_text("wikitext2" if source == "mix" else source, "calib", data_dir)
     ids = tokenize(tokenizer, text)
     if ids.numel() < seq_len + 1:
@@ -168,12 +168,13 @@ def calibration_batch(tokenizer, source: str, n_samples: int, seq_len: int, seed
     starts = torch.randint(0, ids.numel() - seq_len, (_n_plain(source, n_samples),), generator=gen)
     plain = torch.stack([ids[s:s + seq_len] for s in starts.tolist()]) if starts.numel() else ids[:0].view(0, seq_len)
     if source == "mix":
-        return _chat_part(model, tokenizer, source, n_samples, seq_len, seed, plain, desc)
+        return _chat_part(model, tokenizer, source, n_samples, seq_len, seed, plain, desc, progress)
     return plain, desc
 
 
 def calibration_split(tokenizer, source: str, n_samples: int, seq_len: int, heldout: int, seed: int = 0,
-                      data_dir: Path | None = None, model=None) -> tuple[torch.Tensor, torch.Tensor, str]:
+                      data_dir: Path | None = None, model=None, progress: bool = True
+                      ) -> tuple[torch.Tensor, torch.Tensor, str]:
     """Calibration windows [n_samples, seq_len] drawn at random from the first 90% of the text, and
     `heldout` non-overlapping windows [heldout, seq_len] from the last 10%, for choosing between
     recipes without touching any evaluation split. "chat"/"mix": the chat rows as in
@@ -195,7 +196,7 @@ def calibration_split(tokenizer, source: str, n_samples: int, seq_len: int, held
     held = ids[cut: cut + heldout * seq_len].view(heldout, seq_len)
     if source in CHAT_SOURCES:
         calib, chat_desc = _chat_part(model, tokenizer, source, n_samples, seq_len, seed,
-                                      calib if source == "mix" else None, desc)
+                                      calib if source == "mix" else None, desc, progress)
         return calib, held, f"{chat_desc}; held apart: {desc}"
     return calib, held, desc
 

@@ -8,7 +8,7 @@ import torch
 from lrinfer.chat import (ChatEval, chat_prompt_ids, evaluate_chat, generate_batch, load_calibration_prompts,
                           load_questions, score_answer)
 from lrinfer.cli import main
-from lrinfer.data import CHAT_MODEL_CALIB, calibration_batch, resolve_calib
+from lrinfer.data import CHAT_MODEL_CALIB, calibration_batch, calibration_split, resolve_calib
 from lrinfer.errors import LrinferError
 
 TEXT = ("The quick brown fox jumps over the lazy dog. " * 3 + "Pack my box with five dozen liquor jugs. "
@@ -110,7 +110,9 @@ def test_a_model_that_ends_its_turn_at_once_is_all_empty(chat_model):
 
 def test_chat_calibration_is_templated_conversations(chat_model):
     model, tok = chat_model
-    ids, desc = calibration_batch(tok, "chat", 3, 160, seed=1, model=model)
+    rng = torch.get_rng_state()
+    ids, desc = calibration_batch(tok, "chat", 3, 160, seed=1, model=model, progress=False)
+    assert torch.equal(torch.get_rng_state(), rng)    # sampled under its own seed, the caller's RNG untouched
     again, _ = calibration_batch(tok, "chat", 3, 160, seed=1, model=model)
     assert ids.shape == (3, 160) and ids.dtype == torch.long and torch.equal(ids, again) and "chat template" in desc
     prompts = [tuple(chat_prompt_ids(tok, p)) for p in load_calibration_prompts()]
@@ -128,6 +130,9 @@ def test_mix_alternates_chat_and_wikitext(chat_model, data_dir):
     assert mixed.shape == (4, 32) and desc.startswith("mix: 2 samples of chat")
     assert [int(r[0]) == start for r in mixed] == [True, False, True, False]
     assert torch.equal(mixed[1::2], plain)
+    calib, held, desc = calibration_split(tok, "mix", 4, 32, 2, data_dir=data_dir, model=model, progress=False)
+    assert calib.shape == (4, 32) and held.shape == (2, 32) and torch.equal(calib[::2], mixed[::2])
+    assert desc.startswith("mix: 2 samples of chat") and "held apart" in desc   # the search scores on WikiText-2
 
 
 def test_auto_calibration_follows_the_chat_template(chat_model, tiny_model):
@@ -172,3 +177,10 @@ def test_bad_calib_is_one_line(calib, capsys):
     err = capsys.readouterr().err
     assert f"unknown calibration source '{calib}'" in err and "wikitext2, chat, mix" in err
     assert "Traceback" not in err and err.count("\n") == 1
+
+
+@pytest.mark.slow
+def test_smollm2_answers_through_its_template(smollm2):
+    model, tok, _ = smollm2
+    r = evaluate_chat(model, tok, limit=16, progress=False)   # 16 capitals: dense SmolLM2 gets 13 (Italy, Spain,
+    assert r["empty"] == 0 and r["correct"] >= 12             # Portugal wrong), never silent
