@@ -5,7 +5,7 @@ import argparse
 import json
 import logging
 import sys
-from dataclasses import fields
+from dataclasses import fields, replace
 from pathlib import Path
 
 from . import cli_kernels
@@ -87,7 +87,11 @@ def build_parser() -> argparse.ArgumentParser:
     c.add_argument("--rank-multiple", type=int, default=d["rank_multiple"],
                    help=f"round ranks to the nearest multiple of this (default {d['rank_multiple']})")
     c.add_argument("--modules", default=None, help="comma-separated linear names to compress (default: all)")
-    c.add_argument("--calib", default=d["calib"], help="wikitext2, self, or a .txt/.jsonl file")
+    from .data import CHAT_MODEL_CALIB
+    c.add_argument("--calib", default=d["calib"],
+                   help=f"calibration text (default {d['calib']}: {CHAT_MODEL_CALIB} for a model with a chat template, "
+                        "else wikitext2): wikitext2; chat (the model's own answers to shipped prompts through its "
+                        "chat template); mix (half chat, half wikitext2); self; or a .txt/.jsonl file")
     c.add_argument("--samples", type=int, default=d["n_samples"], help=f"calibration samples (default {d['n_samples']})")
     c.add_argument("--calib-seq-len", type=int, default=d["seq_len"],
                    help=f"tokens per calibration sample (default {d['seq_len']})")
@@ -116,7 +120,11 @@ def build_parser() -> argparse.ArgumentParser:
     e = sub.add_parser("eval", help="perplexity (and zero-shot tasks) of a compressed directory or a dense model")
     e.add_argument("model", help="compressed directory, HF directory, .gguf file, hub id, or 'smollm2'")
     _eval_args(e)
-    e.add_argument("--tasks", default=None, help="comma-separated zero-shot tasks through lm-eval, e.g. piqa")
+    e.add_argument("--tasks", default=None,
+                   help="comma-separated tasks: piqa (through lm-eval), chat (short questions through the chat "
+                        "template, greedy: accuracy and empty answers)")
+    e.add_argument("--chat-records", action="store_true",
+                   help="--tasks chat: each question's answer and verdict in the JSON report")
     e.add_argument("--limit", type=int, default=None, help="examples per task (default: all)")
     e.add_argument("--batch-size", type=int, default=1, help="lm-eval batch size")
     e.add_argument("--no-ppl", action="store_true", help="skip perplexity (only --tasks)")
@@ -341,10 +349,16 @@ def cmd_compress(args) -> dict:
     from .plan import compress_plan, peak_rss
     from .solvers import get_solver
     from .streaming import streamer_of
-    stream = (not args.no_stream and not auto and config.calib != "self"    # these need the whole model
+    from .data import NEEDS_MODEL, resolve_calib
+    stream = (not args.no_stream and not auto and config.calib not in NEEDS_MODEL    # these need the whole model
               and "fisher" not in get_solver(config.method).needs)
     eval_kw = {} if args.no_eval else {"eval_windows": args.windows or 64, "eval_seq_len": args.seq_len,
                                        "eval_batch_size": args.eval_batch_size}
+    if stream and config.calib == "auto" and _dir_has_chat_template(args.model):
+        # chat calibration needs the whole model to write its conversations: load it whole when that fits
+        whole = compress_plan(args.model, config, device, _compute_dtype(dtype, device), False, args.streams,
+                              **eval_kw)
+        stream = whole is not None and not whole.fits
     plan = compress_plan(args.model, config, device, _compute_dtype(dtype, device), stream, args.streams,
                          **eval_kw)   # before any weight is read
     if plan is not None:
@@ -352,6 +366,8 @@ def cmd_compress(args) -> dict:
         plan.check()
     model, tok, source = load_model(args.model, _compute_dtype(dtype, device), device, stream=stream)
     streamed = streamer_of(model) is not None
+    requested_calib = config.calib
+    config = replace(config, calib=resolve_calib(config.calib, tok, can_generate=not streamed))
     if plan is None or plan.streaming != streamed:
         plan = compress_plan(args.model, config, device, next(model.parameters()).dtype, streamed, args.streams,
                              model_config=model.config, **eval_kw)
@@ -370,6 +386,7 @@ def cmd_compress(args) -> dict:
     out_dtype = out_dtype or save_dtype(model, source)
     report = compression_report(config, result, source, dense_params, unique_params(model), calib_desc)
     report.update(extra, fallbacks=fallbacks, dtype=str(out_dtype).removeprefix("torch."))
+    report["calibration"]["requested"] = requested_calib
     if search:
         report["recipe_search"] = search.report()
     report.update(memory_plan=plan.to_dict(), streamed=streamed, streams_on=result.streams_on,
@@ -399,6 +416,19 @@ def cmd_compress(args) -> dict:
     if not args.json:
         print(format_summary(report))
     return report
+
+
+def _dir_has_chat_template(spec: str | None) -> bool:
+    """A local model directory whose tokenizer has a chat template (read before any weight)."""
+    if not spec or not Path(spec).expanduser().is_dir():
+        return False
+    from transformers import AutoTokenizer
+
+    from .generate import has_chat_template
+    try:
+        return has_chat_template(AutoTokenizer.from_pretrained(str(Path(spec).expanduser())))
+    except (OSError, ValueError):
+        return False
 
 
 def _round_weights(model, dtype) -> None:
@@ -435,15 +465,15 @@ def _compress_or_search(args, model, tok, config, candidates, data_dir, work_dir
         from .recipe import apply_result
         from .recipe import search as search_recipes
         calib, heldout, calib_desc = calibration_split(tok, config.calib, config.n_samples, config.seq_len,
-                                                       args.heldout, config.seed, data_dir)
+                                                       args.heldout, config.seed, data_dir, model, progress)
         search = search_recipes(model, config, calib, heldout, candidates, work_dir=work_dir,
                                 resume=args.resume, progress=progress, screening=_screening(args.screen))
         config, result = search.best.config(config), search.result
         apply_result(model, result)
-        calib_desc += " (first 90%; recipes scored on the last 10%)"
+        calib_desc += " (plain text: first 90%; recipes scored on the last 10%)"
     else:
         calib, calib_desc = calibration_batch(tok, config.calib, config.n_samples, config.seq_len, config.seed,
-                                              data_dir, model)
+                                              data_dir, model, progress)
         result = compress(model, config, calib, progress, work_dir=work_dir, resume=args.resume,
                           streams=getattr(args, "streams", "auto"))
     return config, result, calib_desc, search
@@ -468,12 +498,17 @@ def cmd_eval(args) -> dict:
     if args.tasks:
         from .zeroshot import evaluate_tasks
         report["tasks"] = evaluate_tasks(model, tok, [t.strip() for t in args.tasks.split(",") if t.strip()],
-                                         data_dir, limit=args.limit, batch_size=args.batch_size, device=device)
+                                         data_dir, limit=args.limit, batch_size=args.batch_size, device=device,
+                                         progress=not args.no_progress, chat_records=args.chat_records)
     if not args.json:
         if "ppl" in report:
             e = report["ppl"]
             print(f"perplexity {e['ppl']:.3f}  [{e['data']}, seq_len {e['seq_len']}, {e['windows']} windows]")
         for task, r in report.get("tasks", {}).items():
+            if "empty" in r:   # the chat task
+                print(f"{task}: acc {r['acc']:.4f} ± {r['acc_stderr']:.4f} ({r['correct']}/{r['n']} correct), "
+                      f"empty {r['empty']}  [greedy, {r['max_new_tokens']} new tokens, {r['seconds']:.0f} s]")
+                continue
             print(f"{task}: acc {r['acc']:.4f} ± {r['acc_stderr']:.4f}, acc_norm {r['acc_norm']:.4f} "
                   f"± {r['acc_norm_stderr']:.4f}  (n={r['n']})")
     return report

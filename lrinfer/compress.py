@@ -47,7 +47,7 @@ class CompressConfig:
     allocation: str = "uniform"
     rank_multiple: int = RANK_ALIGN     # 16: ranks the kernels load with 16-byte rows
     modules: list[str] | None = None
-    calib: str = "wikitext2"
+    calib: str = "auto"                 # auto: chat-format text for a model with a chat template (data.resolve_calib)
     n_samples: int = 32
     seq_len: int = 512
     seed: int = 0
@@ -68,6 +68,8 @@ class CompressConfig:
                                    ("allocation", get_allocator(self.allocation), self.allocation_options),
                                    ("refinement", get_refiner(self.refinement), self.refinement_options)):
             method.check(opts, f"{what} '{method.name}'")
+        from .data import check_calib_source
+        check_calib_source(self.calib)
         for name in ("rank_multiple", "n_samples", "seq_len", "batch_size"):
             if int(getattr(self, name)) < 1:
                 raise LrinferError(f"{name} must be >= 1; got {getattr(self, name)}")

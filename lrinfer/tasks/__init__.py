@@ -35,7 +35,7 @@ def task_files(task: str, data_dir: str | Path) -> list[Path]:
     """
     if task not in LOCAL_TASKS:
         raise ValueError(
-            f"unknown zero-shot task {task!r}; local tasks: {', '.join(sorted(LOCAL_TASKS))}"
+            f"unknown zero-shot task {task!r}; local tasks: {', '.join(sorted(LOCAL_TASKS))}, chat"
         )
     paths = [Path(data_dir) / rel for rel in LOCAL_TASKS[task]]
     missing = [str(p) for p in paths if not p.is_file()]
