@@ -342,7 +342,7 @@ def cmd_compress(args) -> dict:
     from .solvers import get_solver
     from .streaming import streamer_of
     stream = (not args.no_stream and not auto and config.calib != "self"    # these need the whole model
-              and "fisher" not in get_solver(config.method).needs)
+              and not get_solver(config.method).needs_backward)
     eval_kw = {} if args.no_eval else {"eval_windows": args.windows or 64, "eval_seq_len": args.seq_len,
                                        "eval_batch_size": args.eval_batch_size}
     plan = compress_plan(args.model, config, device, _compute_dtype(dtype, device), stream, args.streams,
