@@ -31,6 +31,7 @@ class LinearStats:
     cross: torch.Tensor | None = None       # Σ Xᵀ X̂       [in, in]
     abs_sum: torch.Tensor | None = None     # Σ |X|         [in]
     fisher: torch.Tensor | None = None      # Σ (∂L/∂W)²    [out, in]  float32
+    grad_gram: torch.Tensor | None = None   # Σ Gᵀ G        [out, out] float32, G = ∂L/∂Y [N, out] (K-FAC)
 
     def add(self, attr: str, value: torch.Tensor) -> None:
         cur = getattr(self, attr)
@@ -348,3 +349,56 @@ def fisher_information(model: nn.Module, names: list[str], input_ids: torch.Tens
         for p, f in flags.items():
             p.requires_grad_(f)
     return fisher
+
+
+def output_gradient_grams(model: nn.Module, names: list[str], input_ids: torch.Tensor,
+                          batch_size: int = 1) -> dict[str, torch.Tensor]:
+    """Σ over calibration tokens of g gᵀ [out, out] for each named linear (KFAC-SVD's output-side
+    Kronecker factor), g = ∂L/∂y the gradient of the summed next-token NLL L of the dense model with
+    respect to the linear's output y at that token. Needs a backward pass through the whole model.
+
+    Sums in float32 on the model's device (fisher_information's reasoning: PSD sums of a few dozen
+    batches; half the memory of float64); half-precision models are back-propagated in float32. Only
+    activations carry gradients (the embeddings' output is the leaf): no weight gradient is formed."""
+    dtype = next(model.parameters()).dtype
+    if dtype in (torch.float16, torch.bfloat16):
+        model.float()
+        try:
+            return output_gradient_grams(model, names, input_ids, batch_size)
+        finally:
+            model.to(dtype)
+    device = next(model.parameters()).device
+    modules = {n: model.get_submodule(n) for n in names}
+    grams = {n: torch.zeros(m.out_features, m.out_features, dtype=torch.float32, device=device)
+             for n, m in modules.items()}
+
+    def keep(name):
+        def hook(mod, args, out):
+            def on_grad(g):
+                if not torch.isfinite(g).all():
+                    raise LrinferError(f"output gradients: the gradient of {name}'s output is not finite; "
+                                       "check the model and calibration text")
+                g = g.reshape(-1, g.shape[-1]).float()
+                grams[name].addmm_(g.t(), g)
+            out.register_hook(on_grad)
+        return hook
+
+    leaf = model.get_input_embeddings().register_forward_hook(
+        lambda mod, args, out: out.detach().requires_grad_(True))
+    handles = [leaf] + [m.register_forward_hook(keep(n)) for n, m in modules.items()]
+    flags = {p: p.requires_grad for p in model.parameters()}
+    for p in model.parameters():
+        p.requires_grad_(False)
+    try:
+        with torch.enable_grad():
+            for ids in input_ids.split(batch_size):
+                ids = ids.to(device)
+                out = model(input_ids=ids, labels=ids, use_cache=False)
+                # the mean NLL times its token count: the summed NLL (per-token gradients, batch-size free)
+                (out.loss * (ids.shape[0] * (ids.shape[1] - 1))).backward()
+    finally:
+        for h in handles:
+            h.remove()
+        for p, f in flags.items():
+            p.requires_grad_(f)
+    return grams

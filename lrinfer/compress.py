@@ -11,8 +11,8 @@ from torch import nn
 from tqdm.auto import tqdm
 
 from .allocation import get_allocator
-from .calibration import (_on, capture_inputs, collect_stats, fisher_information, linear_stages, run_block,
-                          swapped_in)
+from .calibration import (_on, capture_inputs, collect_stats, fisher_information, linear_stages,
+                          output_gradient_grams, run_block, swapped_in)
 from .checkpoint import CheckpointSpec, skeleton
 from .errors import LrinferError
 from .factors import FactorPair, check_ratio
@@ -178,8 +178,8 @@ def compress(model: nn.Module, config: CompressConfig, calib_ids: torch.Tensor, 
     prefix, blocks = decoder_blocks(model)
     linears = compressible_linears(model, config.modules)
     streamer = streamer_of(model)
-    if streamer is not None and "fisher" in solver.needs:
-        raise LrinferError(f"solver '{config.method}' back-propagates through the whole model (Fisher information), "
+    if streamer is not None and solver.needs_backward:
+        raise LrinferError(f"solver '{config.method}' back-propagates through the whole model (gradient statistics), "
                            "so it cannot stream one block at a time; load the model whole "
                            "(lrinfer compress --no-stream, or load_model(..., stream=False))")
     if streamer is None:        # an in-memory model runs where its weights are
@@ -216,6 +216,8 @@ def compress(model: nn.Module, config: CompressConfig, calib_ids: torch.Tensor, 
         ranks = allocator(selected, inner_ratio, config.rank_multiple, spectra, **config.allocation_options)
     fisher = (fisher_information(model, list(ranks), calib_ids, config.batch_size)
               if "fisher" in solver.needs else {})
+    grad_grams = (output_gradient_grams(model, list(ranks), calib_ids, config.batch_size)
+                  if "grad_gram" in solver.needs else {})
 
     with torch.no_grad():
         streams = _place(capture_inputs(model, blocks, calib_ids, config.batch_size, device), stream_device)
@@ -246,7 +248,7 @@ def compress(model: nn.Module, config: CompressConfig, calib_ids: torch.Tensor, 
             block = streamer.load_block(i) if streamer else blocks[i]
             rel = {f.name[len(f"{prefix}.{i}."):]: f.name for f in linears if f.block == i and f.name in ranks}
             done, refined = _compress_block(block, rel, streams, streams.calls[i], solver, config, ranks, fisher,
-                                            bar, device)
+                                            bar, device, grad_grams)
             out_ranks.update({n: [p.rank, p.rank2] for n, p in done.items()})
             if streamer is None:
                 factors.update(done)
@@ -289,7 +291,7 @@ def _relative_error(approx: list[torch.Tensor], exact: list[torch.Tensor]) -> fl
 
 
 def _compress_block(block, rel: dict[str, str], streams, calls, solver, config, ranks, fisher, bar,
-                    device: torch.device | None = None) -> tuple[dict[str, FactorPair], dict]:
+                    device: torch.device | None = None, grad_grams: dict | None = None) -> tuple[dict[str, FactorPair], dict]:
     """Solve and patch the block's linears (`rel`: name in block -> qualified name), stage by stage,
     refine them, then advance both streams through the block. Returns the block's factors and the
     refiner's report ({} without refinement)."""
@@ -310,6 +312,8 @@ def _compress_block(block, rel: dict[str, str], streams, calls, solver, config, 
                 _check_weight(name, W)
                 if name in fisher:
                     stats[r].fisher = fisher.pop(name).to(W.device)
+                if grad_grams and name in grad_grams:
+                    stats[r].grad_gram = grad_grams.pop(name).to(W.device)
                 pair = solver(W, stats[r], ranks[name], **config.method_options).balanced().to(lin.weight.dtype)
                 if not all(torch.isfinite(t).all() for t in pair.tensors().values()):
                     raise LrinferError(f"{name}: solver '{config.method}' produced NaN/Inf factors in "

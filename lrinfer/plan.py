@@ -10,7 +10,8 @@ H hidden, I MLP width, `in_max` the widest linear input):
                dense outputs being built, 3 × N·T·H·D (2 × while the two streams still agree)
   statistics   float64 sums, (number the solver needs) × in² × 8 per distinct input (q/k/v and gate/up
                share theirs): all four inputs of a block at once for one-pass solvers (SVD-LLM),
-               the largest stage for sequential ones (SAES); FWSVD adds a float32 Fisher of every linear
+               the largest stage for sequential ones (SAES); FWSVD adds a float32 Fisher of every linear,
+               KFAC a float32 out × out output-gradient Gram of every linear (both: the whole model, no streaming)
   solve        one linear's float64 solve at its largest (solvers/linalg.py): SVD-LLM in² + 2·in·out
                + 3·min(in, out)² (L factored in place, W, W·L, the smaller Gram and its eigenvectors);
                SAES 2·in² + 7·in·out + 3·min²
@@ -169,6 +170,8 @@ def _itemsize(dtype) -> int:
 def _solve_bytes(needs: frozenset, method: str, i: int, o: int) -> int:
     """Float64 workspace of one linear's solve, W [o, i] (solvers/linalg.py, from the code's allocations)."""
     small = min(i, o)
+    if "grad_gram" in needs:         # KFAC: the output side's G, G + δI and its factor, on top of the input side's
+        return 3 * o * o * 8 + _solve_bytes(needs - {"grad_gram"}, method, i, o)
     if "gram_hat" in needs:          # SAES: M's factor, Δ, S, D, their projections, the eigenproblem
         return (2 * i * i + 7 * i * o + 3 * small * small) * 8
     if method == "ressvd":           # the whitener's L and L⁻¹, an SVD and the residual
@@ -215,6 +218,10 @@ def estimate(config, *, n_samples: int = 32, seq_len: int = 512, batch_size: int
     if "fisher" in needs:
         statistics += linear_params * s.layers * 4
         notes.append("fwsvd back-propagates through the whole model: it does not stream")
+        streaming, block = False, per_block * s.layers
+    if "grad_gram" in needs:
+        statistics += sum(o * o for _, _, o in lin) * s.layers * 4
+        notes.append(f"{method} back-propagates through the whole model: it does not stream")
         streaming, block = False, per_block * s.layers
     solve = max(_solve_bytes(needs, method, i, o) for _, i, o in lin)
     factors = int((1 - ratio) * s.block_params * D)

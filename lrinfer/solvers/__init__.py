@@ -10,7 +10,9 @@ from ..factors import FactorPair
 from ..registry import Method, Registry
 
 # Statistics a solver can ask for (fields of `lrinfer.calibration.LinearStats`).
-STAT_FIELDS = frozenset({"gram", "gram_hat", "cross", "abs_sum", "fisher"})
+STAT_FIELDS = frozenset({"gram", "gram_hat", "cross", "abs_sum", "fisher", "grad_gram"})
+# Statistics that need a backward pass through the whole model (no block-by-block streaming).
+BACKWARD_FIELDS = frozenset({"fisher", "grad_gram"})
 
 
 @dataclass(frozen=True)
@@ -23,6 +25,11 @@ class Solver(Method):
     def needs_compressed_stream(self) -> bool:
         """True when the solver reads inputs of the compressed-so-far model (X̂)."""
         return bool(self.needs & {"gram_hat", "cross"})
+
+    @property
+    def needs_backward(self) -> bool:
+        """True when the solver reads gradients of the whole model's loss (it cannot stream)."""
+        return bool(self.needs & BACKWARD_FIELDS)
 
 
 SOLVERS = Registry("method", Solver)
@@ -56,4 +63,4 @@ def split_sigma(U: torch.Tensor, s: torch.Tensor, Vh: torch.Tensor) -> tuple[tor
 
 
 # Import the solver modules so they register (order = CLI listing order).
-from . import svd, svdllm, asvd, fwsvd, ressvd, saes  # noqa: E402,F401
+from . import svd, svdllm, asvd, fwsvd, ressvd, saes, kfac  # noqa: E402,F401
