@@ -311,6 +311,21 @@ def collect_stats(block: nn.Module, stage: list[str], needs: frozenset, streams:
     return stats, dense_out
 
 
+@contextlib.contextmanager
+def _in_float32(model: nn.Module):
+    """Half-precision models are back-propagated in float32 and cast back (exactly: float16/bfloat16
+    values are float32 values): float16 gradients overflow on large activations."""
+    dtype = next(model.parameters()).dtype
+    half = dtype in (torch.float16, torch.bfloat16)
+    if half:
+        model.float()
+    try:
+        yield
+    finally:
+        if half:
+            model.to(dtype)
+
+
 def fisher_information(model: nn.Module, names: list[str], input_ids: torch.Tensor,
                        batch_size: int = 1) -> dict[str, torch.Tensor]:
     """Σ over batches of (∂L/∂W)² [out, in] for each named linear (FWSVD), with L the LM loss.
@@ -319,13 +334,11 @@ def fisher_information(model: nn.Module, names: list[str], input_ids: torch.Tens
     sum over a few dozen batches loses nothing a solver can see, and it halves the memory of the
     float64 host copy it replaces). Half-precision models are back-propagated in float32 (and cast
     back, exactly): float16 gradients overflow on large activations."""
-    dtype = next(model.parameters()).dtype
-    if dtype in (torch.float16, torch.bfloat16):
-        model.float()
-        try:
-            return fisher_information(model, names, input_ids, batch_size)
-        finally:
-            model.to(dtype)
+    with _in_float32(model):
+        return _fisher_information(model, names, input_ids, batch_size)
+
+
+def _fisher_information(model, names, input_ids, batch_size):
     device = next(model.parameters()).device
     params = {n: model.get_submodule(n).weight for n in names}
     flags = {p: p.requires_grad for p in model.parameters()}
@@ -360,13 +373,11 @@ def output_gradient_grams(model: nn.Module, names: list[str], input_ids: torch.T
     Sums in float32 on the model's device (fisher_information's reasoning: PSD sums of a few dozen
     batches; half the memory of float64); half-precision models are back-propagated in float32. Only
     activations carry gradients (the embeddings' output is the leaf): no weight gradient is formed."""
-    dtype = next(model.parameters()).dtype
-    if dtype in (torch.float16, torch.bfloat16):
-        model.float()
-        try:
-            return output_gradient_grams(model, names, input_ids, batch_size)
-        finally:
-            model.to(dtype)
+    with _in_float32(model):
+        return _output_gradient_grams(model, names, input_ids, batch_size)
+
+
+def _output_gradient_grams(model, names, input_ids, batch_size):
     device = next(model.parameters()).device
     modules = {n: model.get_submodule(n) for n in names}
     grams = {n: torch.zeros(m.out_features, m.out_features, dtype=torch.float32, device=device)

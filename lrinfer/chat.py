@@ -14,7 +14,6 @@ the calibration sequences, so the compressed model is fitted on the text it will
 """
 from __future__ import annotations
 
-import json
 import logging
 import math
 import random
@@ -26,6 +25,7 @@ from pathlib import Path
 import torch
 from tqdm.auto import tqdm
 
+from .data import jsonl_rows
 from .errors import LrinferError
 
 log = logging.getLogger(__name__)
@@ -63,20 +63,13 @@ def load_questions(path: str | Path | None = None) -> list[dict]:
     if not path.is_file():
         raise LrinferError(f"chat questions not found: {path}")
     rows = []
-    with open(path, encoding="utf-8") as f:
-        for i, line in enumerate(f, 1):
-            if not line.strip():
-                continue
-            try:
-                row = json.loads(line)
-            except json.JSONDecodeError as e:
-                raise LrinferError(f"{path}:{i}: not valid JSON ({e.msg})") from None
-            answers = row.get("answers") if isinstance(row, dict) else None
-            if not isinstance(row.get("question"), str) or not answers or \
-                    not all(isinstance(a, str) and a.strip() for a in answers):
-                raise LrinferError(f"{path}:{i}: each line needs a string 'question' and a non-empty list "
-                                   "'answers' of strings")
-            rows.append(row)
+    for i, row in jsonl_rows(path):
+        answers = row.get("answers") if isinstance(row, dict) else None
+        if not answers or not isinstance(row.get("question"), str) or \
+                not all(isinstance(a, str) and a.strip() for a in answers):
+            raise LrinferError(f"{path}:{i}: each line needs a string 'question' and a non-empty list "
+                               "'answers' of strings")
+        rows.append(row)
     if not rows:
         raise LrinferError(f"{path} holds no questions")
     return rows

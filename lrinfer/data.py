@@ -62,23 +62,27 @@ def _wikitext(purpose: str, data_dir: Path | None) -> tuple[str, str]:
     return "\n\n".join(rows), f"hf:wikitext-2-raw-v1/{split}"
 
 
+def jsonl_rows(path: Path):
+    """(line number, parsed object) for each non-blank line of a JSONL file; one-line errors."""
+    with open(path, encoding="utf-8") as f:
+        for i, line in enumerate(f, 1):
+            if line.strip():
+                try:
+                    yield i, json.loads(line)
+                except json.JSONDecodeError as e:
+                    raise LrinferError(f"{path}:{i}: not valid JSON ({e.msg})") from None
+
+
 def _file_text(path: Path) -> str:
     if not path.is_file():
         raise LrinferError(f"text file not found: {path}")
     if path.suffix == ".jsonl":
         texts = []
-        with open(path, encoding="utf-8") as f:
-            for i, line in enumerate(f, 1):
-                if not line.strip():
-                    continue
-                try:
-                    row = json.loads(line)
-                except json.JSONDecodeError as e:
-                    raise LrinferError(f"{path}:{i}: not valid JSON ({e.msg})") from None
-                text = row.get("text") if isinstance(row, dict) else None
-                if not isinstance(text, str):
-                    raise LrinferError(f"{path}:{i}: each JSONL line needs a string field 'text'")
-                texts.append(text)
+        for i, row in jsonl_rows(path):
+            text = row.get("text") if isinstance(row, dict) else None
+            if not isinstance(text, str):
+                raise LrinferError(f"{path}:{i}: each JSONL line needs a string field 'text'")
+            texts.append(text)
         return "\n\n".join(texts)
     return path.read_text(encoding="utf-8")
 
