@@ -214,10 +214,12 @@ def compress(model: nn.Module, config: CompressConfig, calib_ids: torch.Tensor, 
             spectra = _spectra(model, blocks, streams_, selected, prefix, progress, streamer, device)
             del streams_
         ranks = allocator(selected, inner_ratio, config.rank_multiple, spectra, **config.allocation_options)
-    fisher = (fisher_information(model, list(ranks), calib_ids, config.batch_size)
-              if "fisher" in solver.needs else {})
-    grad_grams = (output_gradient_grams(model, list(ranks), calib_ids, config.batch_size)
-                  if "grad_gram" in solver.needs else {})
+    fisher = (fisher_information(model, list(ranks), calib_ids, config.batch_size)   # squares per batch:
+              if "fisher" in solver.needs else {})                                  # the batch matters
+    # output gradients one sequence at a time: per-token gradients of the summed NLL, so the same Grams,
+    # without a batch of activations kept for the backward (SmolLM2, 8 × 512 tokens: peak RSS 9.36 GiB
+    # at batch 8, 2.86 GiB at batch 1; CPU time 50.0 → 42.6 s)
+    grad_grams = output_gradient_grams(model, list(ranks), calib_ids, 1) if "grad_gram" in solver.needs else {}
 
     with torch.no_grad():
         streams = _place(capture_inputs(model, blocks, calib_ids, config.batch_size, device), stream_device)

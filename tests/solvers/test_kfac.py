@@ -210,6 +210,10 @@ def test_output_gradient_grams_match_autograd():
         torch.testing.assert_close(got[n].double(), ref[n], rtol=1e-4, atol=1e-6 * float(ref[n].abs().max()))
     assert all(p.grad is None for p in model.parameters())            # no weight gradient was formed
     assert all(p.requires_grad for p in model.parameters())           # flags restored
+    # per-token gradients of the summed NLL: one sequence at a time (what compress does) gives the same Grams
+    one = output_gradient_grams(model, names, ids, batch_size=1)
+    for n in names:
+        torch.testing.assert_close(one[n].double(), ref[n], rtol=1e-4, atol=1e-6 * float(ref[n].abs().max()))
 
 
 @pytest.mark.parametrize("method", ["kfac", "kfac-saes"])
