@@ -43,7 +43,7 @@ def _pad(p: nn.Parameter) -> nn.Parameter:
 
 def kernel_view(p: torch.Tensor | None) -> torch.Tensor | None:
     """p [rows, k] widened to [rows, aligned(k)] over its zero padding when it has one, else p."""
-    if p is None or not _is_padded(p) or p.shape[1] % RANK_ALIGN == 0:
+    if p is None or p.shape[1] % RANK_ALIGN == 0 or not _is_padded(p):   # aligned ranks: no stride reads
         return p
     return p.as_strided((p.shape[0], _aligned(p.shape[1])), (_aligned(p.shape[1]), 1))
 

@@ -714,6 +714,15 @@ def plan_decode(x2, V, U, bias, V2, U2, y, ws, ctr, *, cfg, fused, programs, gdc
     return [shrink, expand]
 
 
+def drop_rank0(V, U, V2, U2):
+    """(V, U, V2, U2) without pairs of rank 0 (the residual pair moves up if the first is empty)."""
+    if V2 is not None and V2.shape[1] == 0:
+        V2 = U2 = None
+    if V.shape[1] == 0 and V2 is not None:
+        V, U, V2, U2 = V2, U2, None, None
+    return V, U, V2, U2
+
+
 def _fill_rank0(y, bias):
     """y = bias (or 0): the layer has rank 0."""
     if bias is None:
@@ -765,10 +774,7 @@ def lowrank_decode(x2, V, U, bias=None, V2=None, U2=None, *, cfg, fused=True, ma
     if out is not None and (tuple(out.shape) != (M, OUT) or out.dtype != x2.dtype or out.device != x2.device):
         raise ValueError(f"lowrank_linear decode: out must be [{M}, {OUT}] {x2.dtype} on {x2.device}; "
                          f"got {tuple(out.shape)} {out.dtype} on {out.device}")
-    if V2 is not None and V2.shape[1] == 0:
-        V2 = U2 = None
-    if V.shape[1] == 0 and V2 is not None:
-        V, U, V2, U2 = V2, U2, None, None
+    V, U, V2, U2 = drop_rank0(V, U, V2, U2)
     KT = U.shape[1] + (0 if V2 is None else V2.shape[1])
 
     # allocate

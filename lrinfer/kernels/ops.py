@@ -101,21 +101,12 @@ def _use_triton(x) -> bool:
     return HAS_TRITON and x.is_cuda and x.dtype in _KERNEL_DTYPES and _arch_ok(_device_index(x))
 
 
-def _drop_rank0(V, U, V2, U2):
-    """(V, U, V2, U2) without pairs of rank 0 (the residual pair moves up if the first is empty)."""
-    if V2 is not None and V2.shape[1] == 0:
-        V2 = U2 = None
-    if V.shape[1] == 0 and V2 is not None:
-        V, U, V2, U2 = V2, U2, None, None
-    return V, U, V2, U2
-
-
 def _triton_forward(x, V, U, bias, V2, U2):
     """Kernel path for CUDA tensors; x [..., in] -> y [..., out]."""
     lead = x.shape[:-1]
     x2 = x.reshape(-1, x.shape[-1])  # shape [M, in]; a view when possible, any strides
     M = x2.shape[0]
-    V, U, V2, U2 = _drop_rank0(V, U, V2, U2)
+    V, U, V2, U2 = fused_decode.drop_rank0(V, U, V2, U2)
     k_total = U.shape[1] + (0 if U2 is None else U2.shape[1])
     if k_total == 0:  # rank 0: the layer is its bias
         y = x2.new_zeros((M, U.shape[0])) if bias is None else bias.expand(M, -1).clone()
