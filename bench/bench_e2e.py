@@ -8,7 +8,7 @@ k = floor((1 - r) in out / (in + out)) (multiple of 8) for each reduction r:
                    alike), so launch overhead does not hide the difference. Layers are
                    `lrinfer.LowRankLinear`. Also reports the eager rate and peak memory.
   hf               transformers' LlamaForCausalLM from `LlamaConfig`, its nn.Linear replaced by
-                   a module calling `lrinfer.kernels.lowrank_linear`; `generate` with a static KV
+                   a module calling `lrinfer.runtime.kernels.lowrank_linear`; `generate` with a static KV
                    cache; with --compile both sides are wrapped in torch.compile(mode="reduce-overhead").
 
     python bench/bench_e2e.py --layers 32 --batch 1 8 32 --reductions 0.4
@@ -33,7 +33,7 @@ if _ROOT not in sys.path:  # lrinfer importable from a plain checkout (the GPU m
 
 
 class LRLinear(nn.Module):
-    """y = (x V) Uᵀ + bias through lrinfer.kernels.lowrank_linear."""
+    """y = (x V) Uᵀ + bias through lrinfer.runtime.kernels.lowrank_linear."""
 
     def __init__(self, V, U, bias=None):
         super().__init__()
@@ -42,7 +42,7 @@ class LRLinear(nn.Module):
         self.bias = None if bias is None else nn.Parameter(bias, requires_grad=False)
 
     def forward(self, x):
-        from lrinfer.kernels import lowrank_linear
+        from lrinfer.runtime.kernels import lowrank_linear
 
         return lowrank_linear(x, self.V, self.U, self.bias)
 
@@ -183,7 +183,7 @@ def main(argv=None):
     if not torch.cuda.is_available():
         print("bench_e2e: needs a CUDA device", file=sys.stderr)
         return 1
-    from lrinfer.kernels.configs import gpu_slug
+    from lrinfer.runtime.kernels.configs import gpu_slug
 
     rows = run_graph_engine(args) if args.engine == "graph" else run_hf_engine(args)
     gpu = torch.cuda.get_device_name()

@@ -5,7 +5,7 @@ calls captured in a CUDA graph so host overhead is excluded for every method):
     dense          F.linear(x, W) with W = U Vᵀ  (cuBLAS)
     unfused        (x @ V) @ U.t()               (two cuBLAS calls, eager)
     compiled       torch.compile of the two matmuls (mode from --compile-mode)
-    ours           lrinfer.kernels.lowrank_linear (config table dispatch)
+    ours           lrinfer.runtime.kernels.lowrank_linear (config table dispatch)
     fused, two_launch, two_launch_pdl
                    the decode kernels forced (config table's tiles, M <= 64 only), so the single
                    launch and the two launches with programmatic dependent launch sit side by side
@@ -139,7 +139,7 @@ def measure_roofline(dtype, device="cuda") -> dict:
 
 def _variant_fn(variant: str, in_f: int, out_f: int, k: int, M: int, device):
     """lowrank_decode forced to one decode mode, with the config table's tiles for this shape."""
-    from lrinfer.kernels import configs, fused_decode
+    from lrinfer.runtime.kernels import configs, fused_decode
 
     dev = device.index if device.index is not None else torch.cuda.current_device()
     cfg = {**configs.get_config(M, in_f, out_f, k, configs.device_slug(dev)), "method": variant}
@@ -150,7 +150,7 @@ def _variant_fn(variant: str, in_f: int, out_f: int, k: int, M: int, device):
 def bench_case(in_f, out_f, k, M, dtype, methods, roof, warmup, iters, compile_mode, timing="graph",
                device="cuda") -> dict:
     """{method: {us, GBps, weight_GBps, TFLOPs, roofline_frac, rel_err_vs_unfused} or {skipped}}."""
-    from lrinfer.kernels import lowrank_linear
+    from lrinfer.runtime.kernels import lowrank_linear
 
     device = torch.device(device)
     cuda = device.type == "cuda"
@@ -229,7 +229,7 @@ def plan(models, reductions, ms, shapes=None, tag: str = "") -> list[dict]:
 
 def run_case(case: dict, dtype, methods, roof, args_ns, device="cuda") -> dict:
     """One planned case measured: the case dict + method used by `ours` + results."""
-    from lrinfer.kernels import configs
+    from lrinfer.runtime.kernels import configs
 
     res = bench_case(case["in"], case["out"], case["k"], case["M"], dtype, methods, roof, args_ns.warmup,
                      args_ns.iters, args_ns.compile_mode, args_ns.timing, device)
@@ -270,7 +270,7 @@ def env_meta(dtype_name: str) -> dict:
         import triton
 
         meta["triton"] = triton.__version__
-        from lrinfer.kernels import fused_decode
+        from lrinfer.runtime.kernels import fused_decode
 
         meta["launch"] = fused_decode.launch_features()
     except ImportError:
@@ -304,7 +304,7 @@ def main(argv=None):
         print("bench_kernels: needs a CUDA device (or --device cpu --models tiny for a plumbing check)",
               file=sys.stderr)
         return 1
-    from lrinfer.kernels import configs
+    from lrinfer.runtime.kernels import configs
 
     dtype = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}[args.dtype]
     methods = [m for m in args.methods if not (args.no_compile and m == "compiled")]

@@ -38,7 +38,7 @@ def make_model_dir(path: Path, layers: int, hidden: int, intermediate: int, head
     from safetensors.torch import save_file
     from transformers import LlamaConfig
 
-    from lrinfer.streaming import build_skeleton
+    from lrinfer.runtime.streaming import build_skeleton
 
     if (path / "model.safetensors.index.json").is_file() and (path / "tokenizer.json").is_file():
         return path

@@ -20,9 +20,9 @@ import torch
 from safetensors.torch import load_file
 
 import lrinfer
-from lrinfer.data import calibration_split
+from lrinfer.offline.calibration_data import calibration_split
 from lrinfer.factors import unflatten_factors
-from lrinfer.recipe import apply_result
+from lrinfer.offline.recipe import apply_result
 
 
 def main(argv=None) -> None:

@@ -189,7 +189,7 @@ def stage_sweep(kit: Kit, prev) -> dict:
     rec["dtype"] = "bf16" if kit.cuda else "fp32 (CPU plumbing)"
     rec["timing"] = "CUDA graph of 100 calls, rotating operands, median of 7 replays" if kit.cuda else \
         "host clock, torch path (CPU plumbing check, not a measurement)"
-    rec["config_table"] = os.environ.get("LRINFER_KERNEL_CONFIG") or "built-in defaults / lrinfer/kernels/configs"
+    rec["config_table"] = os.environ.get("LRINFER_KERNEL_CONFIG") or "built-in defaults / lrinfer/runtime/kernels/configs"
     complete = _run_sweep(kit, rec, _sweep_plan(kit))
     return _finish(kit, rec, complete, t0)
 
@@ -197,7 +197,7 @@ def stage_sweep(kit: Kit, prev) -> dict:
 @contextlib.contextmanager
 def kernel_table(table: Path | None):
     """Make the op read its kernel configs from `table` (None: as it is) inside the block."""
-    from lrinfer.kernels import configs
+    from lrinfer.runtime.kernels import configs
     old = os.environ.get("LRINFER_KERNEL_CONFIG")
     if table is not None:
         os.environ["LRINFER_KERNEL_CONFIG"] = str(table)
@@ -244,8 +244,8 @@ def stage_tune(kit: Kit, prev) -> dict:
         return _finish(kit, rec, False, t0)
     with kernel_table(table):
         complete = _run_sweep(kit, rec, _sweep_plan(kit, tag="tuned"))
-    rec["install"] = (f"mkdir -p lrinfer/kernels/configs && cp {os.path.relpath(table, ROOT)} "
-                      f"lrinfer/kernels/configs/{gpu_slug()}.json  # the op reads it from there on this GPU")
+    rec["install"] = (f"mkdir -p lrinfer/runtime/kernels/configs && cp {os.path.relpath(table, ROOT)} "
+                      f"lrinfer/runtime/kernels/configs/{gpu_slug()}.json  # the op reads it from there on this GPU")
     return _finish(kit, rec, complete, t0)
 
 

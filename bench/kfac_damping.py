@@ -16,12 +16,12 @@ import time
 import torch
 
 import lrinfer
-from lrinfer.allocation import get_allocator
-from lrinfer.calibration import output_gradient_grams
+from lrinfer.offline.allocation.base import get_allocator
+from lrinfer.offline.calibration import output_gradient_grams
 from lrinfer.data import eval_windows, resolve_data_dir
-from lrinfer.selection import get_selection
-from lrinfer.solvers.kfac import two_sided_truncation
-from lrinfer.solvers.svdllm import whitened_truncation
+from lrinfer.offline.selection.base import get_selection
+from lrinfer.offline.solvers.kfac import two_sided_truncation
+from lrinfer.offline.solvers.svdllm import whitened_truncation
 
 
 def input_grams(model, names, ids, batch_size):

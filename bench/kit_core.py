@@ -38,7 +38,7 @@ def env_meta() -> dict:
         import triton
 
         meta["triton"] = triton.__version__
-        from lrinfer.kernels import fused_decode
+        from lrinfer.runtime.kernels import fused_decode
 
         meta["launch"] = fused_decode.launch_features()
     except ImportError:
@@ -51,7 +51,7 @@ def env_meta() -> dict:
 
 
 def gpu_slug() -> str:
-    from lrinfer.kernels.configs import gpu_slug as slug
+    from lrinfer.runtime.kernels.configs import gpu_slug as slug
 
     return slug(torch.cuda.get_device_name(0)) if torch.cuda.is_available() else "cpu"
 

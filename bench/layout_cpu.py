@@ -63,10 +63,10 @@ def linears(ratios, repeats: int) -> dict:
 
 
 def checkpoints(dirs, repeats: int) -> dict:
-    import lrinfer.kernels.ops as ops
-    from lrinfer.benchmark import Runner
-    from lrinfer.models import load_model
-    from lrinfer.nn import lowrank_modules
+    import lrinfer.runtime.kernels.ops as ops
+    from lrinfer.evaluation.benchmark import Runner
+    from lrinfer.runtime.models import load_model
+    from lrinfer.runtime.nn import lowrank_modules
     ops.lowrank_linear_reference = shrink_first      # both layouts through one function
 
     models = {"dense": load_model("smollm2", torch.float32, "cpu")[0]}

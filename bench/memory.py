@@ -1,7 +1,7 @@
 """Peak memory while loading and while generating: dense vs lrinfer checkpoints at several ratios.
 
 Each measurement runs in a fresh subprocess (`--child`): it imports torch, transformers and
-lrinfer.hf, warms up (builds the architecture on meta, calls the op once) so one-off import costs
+lrinfer.runtime.hf, warms up (builds the architecture on meta, calls the op once) so one-off import costs
 are not counted, resets the kernel's peak-RSS mark (VmHWM, via /proc/self/clear_refs), then:
   lazy_load_mb  peak RSS increase over from_pretrained / load_checkpoint alone. safetensors files
                 are mmapped, so weights that were not copied are not resident yet.
@@ -60,7 +60,7 @@ def _warm_up(path: str) -> None:
     import torch
     from transformers import AutoConfig, AutoModelForCausalLM
 
-    from lrinfer.kernels import lowrank_linear
+    from lrinfer.runtime.kernels import lowrank_linear
 
     cfg = AutoConfig.from_pretrained(path)
     if hasattr(cfg, "quantization_config"):
@@ -78,7 +78,7 @@ def child(path: str, loader: str, gen: int, device: str) -> dict:
     from transformers import AutoModelForCausalLM
 
     import lrinfer
-    import lrinfer.hf  # noqa: F401  (registers quant_method "lrinfer")
+    import lrinfer.runtime.hf  # noqa: F401  (registers quant_method "lrinfer")
 
     cuda = device.startswith("cuda")
     _warm_up(path)
@@ -145,7 +145,7 @@ def random_factors(model, ratio: float, multiple: int = 8) -> dict:
 def make_checkpoints(model, ratios, work: Path, calib_ids=None, tokenizer=None, base_model: str = "model",
                      factors: str = "svd") -> dict:
     """Write `work/dense` (transformers' save_pretrained) and `work/svd-<ratio>` (lrinfer checkpoints)
-    from the dense `model` (left unchanged). factors="svd": `lrinfer.compress` with plain SVD;
+    from the dense `model` (left unchanged). factors="svd": `lrinfer.offline.compress` with plain SVD;
     "random": random factors of the same ranks. Returns {label: dir}."""
     import lrinfer
 

@@ -32,9 +32,9 @@ from pathlib import Path
 import torch
 
 import lrinfer
-from lrinfer.allocation import achieved_ratio
-from lrinfer.recipe import Recipe
-from lrinfer.zeroshot import evaluate_tasks
+from lrinfer.offline.allocation.base import achieved_ratio
+from lrinfer.offline.recipe import Recipe
+from lrinfer.evaluation.zeroshot import evaluate_tasks
 
 DEFAULT_METHODS = ["dense", "svd", "fwsvd", "asvd", "svdllm", "ressvd", "saes", "svdllm+drank", "saes+drank"]
 OUT = Path(__file__).parent / "results"

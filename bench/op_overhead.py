@@ -8,7 +8,7 @@ import time
 import torch
 
 from lrinfer.factors import FactorPair
-from lrinfer.nn import LowRankLinear
+from lrinfer.runtime.nn import LowRankLinear
 
 
 def median_us(f, n: int) -> float:

@@ -85,9 +85,9 @@ def compact_env(dev) -> dict:
 def compress_rank(in_f: int, out_f: int, ratio: float = RATIO) -> int:
     """The rank `compress` emits for one linear at `ratio`: CompressConfig's allocator and rank_multiple,
     read at run time (the uniform split where the default allocator needs a model's spectra)."""
-    from lrinfer.allocation import get_allocator
-    from lrinfer.compress import CompressConfig
-    from lrinfer.models import LinearInfo
+    from lrinfer.offline.allocation.base import get_allocator
+    from lrinfer.offline.compress import CompressConfig
+    from lrinfer.runtime.architecture import LinearInfo
 
     cfg = CompressConfig(ratio=ratio)
     alloc = get_allocator(cfg.allocation)
@@ -98,15 +98,15 @@ def compress_rank(in_f: int, out_f: int, ratio: float = RATIO) -> int:
 
 def ressvd_split(in_f: int, out_f: int, k: int) -> tuple[int, int]:
     """(k1, k2): the ResSVD solver's main/residual split of rank k with its default beta."""
-    from lrinfer.solvers import get_solver
-    from lrinfer.solvers.ressvd import residual_rank
+    from lrinfer.offline.solvers.base import get_solver
+    from lrinfer.offline.solvers.ressvd import residual_rank
 
     k2 = residual_rank(out_f, in_f, k, get_solver("ressvd").options()["beta"])
     return k - k2, k2
 
 
 def rank_multiple() -> int:
-    from lrinfer.compress import CompressConfig
+    from lrinfer.offline.compress import CompressConfig
 
     return CompressConfig().rank_multiple
 
@@ -134,7 +134,7 @@ def operands(M, in_f, out_f, k, k2=0, bias=False, dtype=torch.bfloat16, dev="cud
 
 
 def ref64(x, V, U, b=None, V2=None, U2=None):
-    from lrinfer.kernels import lowrank_linear_reference
+    from lrinfer.runtime.kernels import lowrank_linear_reference
 
     d = lambda t: None if t is None else t.double()  # noqa: E731
     return lowrank_linear_reference(d(x), d(V), d(U), d(b), d(V2), d(U2))
@@ -149,7 +149,7 @@ def kernel_fn(variant: str, M: int, in_f: int, out_f: int, k_total: int, dev):
     """fn(x, V, U, b=None, V2=None, U2=None[, out=None]) running one kernel variant with the config
     table's tiles: two_launch / two_launch_pdl / fused (decode), prefill (Triton GEMMs), or ours
     (`lowrank_linear`, the table's own choice; on the CPU its torch path)."""
-    from lrinfer.kernels import configs, fused_decode, lowrank_linear, prefill
+    from lrinfer.runtime.kernels import configs, fused_decode, lowrank_linear, prefill
 
     cuda = dev.type == "cuda"
     idx = (dev.index if dev.index is not None else torch.cuda.current_device()) if cuda else 0
@@ -196,7 +196,7 @@ def _nvidia_smi() -> dict:
 
 
 def phase_env(ctx: Ctx) -> None:
-    from lrinfer.kernels import configs, fused_decode
+    from lrinfer.runtime.kernels import configs, fused_decode
 
     env = dict(ctx.env)
     if ctx.cuda:
@@ -321,7 +321,7 @@ def phase_stress(ctx: Ctx, iters: int = 300, cap_s: float = 45.0) -> None:
             e = rel_err(y, refs[which])
             errs.append(e)
             bad += not e <= TOL[dtype]
-    from lrinfer.kernels import fused_decode
+    from lrinfer.runtime.kernels import fused_decode
 
     ctx.rec("two_streams", max(errs), "rel_l2", variant="fused", dtype=dtype, shapes=[p[5] for p in per_stream],
             iterations=it, seconds=round(seconds, 3), outputs_checked=len(errs), outputs_bad=bad, tol=TOL[dtype],

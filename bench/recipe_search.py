@@ -26,10 +26,10 @@ import torch
 from safetensors.torch import load_file
 
 import lrinfer
-from lrinfer.data import calibration_split
+from lrinfer.offline.calibration_data import calibration_split
 from lrinfer.factors import unflatten_factors
-from lrinfer.recipe import Recipe, Screening, apply_result, default_candidates, search
-from lrinfer.zeroshot import evaluate_tasks
+from lrinfer.offline.recipe import Recipe, Screening, apply_result, default_candidates, search
+from lrinfer.evaluation.zeroshot import evaluate_tasks
 
 from methods_table import OUT, locked, model_name, start
 

@@ -23,8 +23,9 @@ def gather(blocks: list[int], cache: Path) -> dict:
     if cache.is_file():
         return torch.load(cache)
     import lrinfer
-    from lrinfer.calibration import capture_inputs, collect_stats, run_block
-    from lrinfer.models import decoder_blocks
+    from lrinfer.runtime.blocks import capture_inputs, run_block
+    from lrinfer.offline.calibration import collect_stats
+    from lrinfer.runtime.architecture import decoder_blocks
     model, tok, _ = lrinfer.load_model()
     calib, _ = lrinfer.calibration_batch(tok, "wikitext2", 32, 512, 0, lrinfer.resolve_data_dir(None))
     prefix, layers = decoder_blocks(model)
@@ -57,7 +58,7 @@ def old_path(W, G, r, damp=1e-6):
 def variant(W, G, r, mode, damp=1e-6):
     """Ŵ by the eigh path with its decomposition in float32 ("eigh32": Gram formed in float64; "all32": W·L
     and its Gram in float32 too) or by a float32 SVD of the float64 W·L ("svd32")."""
-    from lrinfer.solvers.linalg import factor_gram
+    from lrinfer.offline.solvers.linalg import factor_gram
     w = factor_gram(G, damp)
     A = w.right(W)
     m, n = A.shape
@@ -78,7 +79,7 @@ def loss(W, What, G, damp=1e-6):
 
 
 def main(argv=None) -> None:
-    from lrinfer.solvers.linalg import whitened_factors
+    from lrinfer.offline.solvers.linalg import whitened_factors
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--blocks", type=int, nargs="+", default=[0, 15, 29])
     p.add_argument("--ratios", type=float, nargs="+", default=[0.2, 0.6])

@@ -33,7 +33,7 @@ def _run(benchmark, fn):
 @pytest.mark.parametrize("in_f, out_f, red", CASES)
 @pytest.mark.parametrize("method", ["dense", "unfused", "ours"])
 def test_lowrank(benchmark, method, in_f, out_f, red, M):
-    from lrinfer.kernels import lowrank_linear
+    from lrinfer.runtime.kernels import lowrank_linear
 
     x, V, U = _setup(in_f, out_f, red, M)
     if method == "dense":

@@ -1,4 +1,4 @@
-"""Offline tuner: writes lrinfer/kernels/configs/<gpu-slug>.json (never run at import).
+"""Offline tuner: writes lrinfer/runtime/kernels/configs/<gpu-slug>.json (never run at import).
 
 For each M bucket it times every candidate (method + tile sizes) on the benchmark shapes
 (CUDA-graph timing, rotating inputs, from bench_kernels) and keeps, per bucket, the candidate
@@ -9,8 +9,8 @@ beats the bucket winner by more than 3% ("shapes"). Candidates that give a wrong
     python bench/tune_kernels.py --reductions 0.4 --M 1 4 16 32 64 128 512 2048 8192
 
 Before any GPU time, the decode candidates are pruned on the CPU with the static ESTIMATE of
-`lrinfer.kernels.inspect.compile_only` (each candidate compiled for the device's arch, timed by
-the model in lrinfer/kernels/estimate.py on the largest shape): only the `--prune-keep` best
+`lrinfer.runtime.kernels.inspect.compile_only` (each candidate compiled for the device's arch, timed by
+the model in lrinfer/runtime/kernels/estimate.py on the largest shape): only the `--prune-keep` best
 (default 8) are timed. `--prune-only` prints the ranking and exits (no GPU needed).
 
 `tune()` is the same as a function with a deadline and per-bucket resume (bench/gpu_kit.py).
@@ -60,7 +60,7 @@ DECODE_KEYS = ("BLOCK_M", "BLOCK_IN", "BLOCK_K", "BLOCK_N", "BLOCK_R", "num_warp
 
 def estimate_us(cfg: dict, in_f: int, out_f: int, k: int, M: int, dtype="bfloat16", arch=90, gpu="h100"):
     """ESTIMATE (static model, CPU only) of one decode candidate's µs; inf when it does not compile."""
-    from lrinfer.kernels.inspect import compile_only
+    from lrinfer.runtime.kernels.inspect import compile_only
 
     over = {key: cfg[key] for key in DECODE_KEYS if key in cfg}
     try:
@@ -83,7 +83,7 @@ def prune(cands: list, shapes, M: int, keep: int = 8, arch: int = 90, gpu: str =
 
 def time_config(in_f, out_f, k, M, cfg, dtype, iters, device="cuda"):
     """Median µs of one candidate (inf when it fails or is wrong)."""
-    from lrinfer.kernels import configs, fused_decode, lowrank_linear_reference, prefill
+    from lrinfer.runtime.kernels import configs, fused_decode, lowrank_linear_reference, prefill
 
     device = torch.device(device)
     cuda = device.type == "cuda"
@@ -153,7 +153,7 @@ def tune(shapes, Ms, iters=50, dtype=torch.bfloat16, device="cuda", done=None, d
 
 
 def table_json(res: dict, gpu: str) -> dict:
-    """The per-GPU config file lrinfer/kernels/configs.py reads."""
+    """The per-GPU config file lrinfer/runtime/kernels/configs.py reads."""
     return {"gpu": gpu, "torch": torch.__version__, "buckets": res["buckets"], "shapes": res["shapes"]}
 
 
@@ -164,7 +164,7 @@ def main(argv=None):
     p.add_argument("--M", nargs="+", type=int, default=list(MS))
     p.add_argument("--iters", type=int, default=50)
     p.add_argument("--device", default="cuda", help="cuda, or cpu for a plumbing check on --models tiny")
-    p.add_argument("--out", default=None, help="default lrinfer/kernels/configs/<gpu-slug>.json")
+    p.add_argument("--out", default=None, help="default lrinfer/runtime/kernels/configs/<gpu-slug>.json")
     p.add_argument("--prune-keep", type=int, default=8,
                    help="decode candidates kept after the CPU ESTIMATE (0: time them all)")
     p.add_argument("--prune-only", action="store_true",
@@ -185,7 +185,7 @@ def main(argv=None):
     if cuda and not torch.cuda.is_available():
         print("tune_kernels: needs a CUDA device", file=sys.stderr)
         return 1
-    from lrinfer.kernels import configs
+    from lrinfer.runtime.kernels import configs
 
     gpu = torch.cuda.get_device_name() if cuda else "cpu"
     all_shapes = {**SHAPES, **TINY_SHAPES}

@@ -17,7 +17,7 @@ _DEFAULTS = None
 def _defaults() -> dict:
     global _DEFAULTS
     if _DEFAULTS is None:
-        from .compress import CompressConfig
+        from lrinfer.offline.compress import CompressConfig
         _DEFAULTS = {f.name: f.default for f in fields(CompressConfig) if not callable(f.default_factory)}
     return _DEFAULTS
 
@@ -53,9 +53,9 @@ def _common(p: argparse.ArgumentParser, dtype_help: str = "compute dtype (defaul
 
 
 def build_parser() -> argparse.ArgumentParser:
-    from .allocation import ALLOCATORS
-    from .selection import SELECTIONS
-    from .solvers import SOLVERS
+    from lrinfer.offline.allocation.base import ALLOCATORS
+    from lrinfer.offline.selection.base import SELECTIONS
+    from lrinfer.offline.solvers.base import SOLVERS
 
     d = _defaults()
     parser = argparse.ArgumentParser(prog="lrinfer", description=__doc__)
@@ -81,13 +81,13 @@ def build_parser() -> argparse.ArgumentParser:
                    help="which layers are compressed (default: the method's own)")
     c.add_argument("--allocation", default=d["allocation"], choices=sorted(ALLOCATORS),
                    help=f"rank allocation (default {d['allocation']})")
-    from .refinement import REFINERS
+    from lrinfer.offline.refinement.base import REFINERS
     c.add_argument("--refinement", default=d["refinement"], choices=list(REFINERS),
                    help=f"after each block is solved (default {d['refinement']}; blockfit: AA-SVD-style local refinement)")
     c.add_argument("--rank-multiple", type=int, default=d["rank_multiple"],
                    help=f"round ranks to the nearest multiple of this (default {d['rank_multiple']})")
     c.add_argument("--modules", default=None, help="comma-separated linear names to compress (default: all)")
-    from .data import CHAT_MODEL_CALIB
+    from lrinfer.offline.calibration_data import CHAT_MODEL_CALIB
     c.add_argument("--calib", default=d["calib"],
                    help=f"calibration text (default {d['calib']}: {CHAT_MODEL_CALIB} for a model with a chat template, "
                         "else wikitext2): wikitext2; chat (the model's own answers to shipped prompts through its "
@@ -139,7 +139,7 @@ def build_parser() -> argparse.ArgumentParser:
     i.add_argument("--json", action="store_true")
     i.add_argument("--debug", action="store_true")
 
-    from . import plot
+    from .evaluation import plot
     plot.add_parser(sub)
     _add_generate_bench(sub)
     _add_plan(sub)
@@ -148,7 +148,7 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def _add_serve(sub) -> None:
-    """`lrinfer serve DIR`: vLLM's OpenAI-compatible server on a checkpoint (lrinfer/serving.py)."""
+    """`lrinfer serve DIR`: vLLM's OpenAI-compatible server on a checkpoint (lrinfer/runtime/serve.py)."""
     s = sub.add_parser("serve", help="serve a compressed directory with vLLM's OpenAI-compatible server")
     s.add_argument("dir", help="compressed directory")
     s.add_argument("--host", default="127.0.0.1", help="address to listen on (default 127.0.0.1)")
@@ -162,14 +162,14 @@ def _add_serve(sub) -> None:
 def cmd_serve(args) -> dict:
     import shlex
 
-    from .serving import serve
+    from lrinfer.runtime.serve import serve
     cmd = serve(args.dir, args.host, args.port, args.vllm, dry_run=args.dry_run)   # execs unless --dry-run
     print(shlex.join(cmd))
     return {"command": cmd}
 
 
 def _add_plan(sub) -> None:
-    """`lrinfer plan`: the memory plan of a compression from a config alone (lrinfer/plan.py)."""
+    """`lrinfer plan`: the memory plan of a compression from a config alone (lrinfer/offline/plan.py)."""
     p = sub.add_parser("plan", help="peak device/host memory and resume disk of a compression, from a config")
     src = p.add_mutually_exclusive_group(required=True)
     src.add_argument("--config", help="a config.json (e.g. Llama-2-70B's)")
@@ -192,7 +192,7 @@ def _add_plan(sub) -> None:
 
 
 def cmd_plan(args) -> dict:
-    from .plan import GiB, plan_for, read_config
+    from lrinfer.offline.plan import GiB, plan_for, read_config
     cfg = read_config(args.config or args.model)
     gib = lambda x: None if x is None else int(x * GiB)  # noqa: E731
     plan = plan_for(cfg, args.device, args.dtype, gib(args.device_memory), gib(args.host_memory),
@@ -209,7 +209,7 @@ def _print_plan(plan, args) -> None:
 
 
 def _add_generate_bench(sub) -> None:
-    """`lrinfer generate` and `lrinfer bench` (lrinfer/generate.py, lrinfer/benchmark.py)."""
+    """`lrinfer generate` and `lrinfer bench` (lrinfer/evaluation/generate.py, lrinfer/evaluation/benchmark.py)."""
     def device_args(p):
         p.add_argument("--device", default=None, help="cpu, cuda, cuda:1 ... (default: cuda when available)")
         p.add_argument("--dtype", default=None, choices=["float32", "float16", "bfloat16"])
@@ -243,8 +243,8 @@ def _add_generate_bench(sub) -> None:
 
 
 def cmd_generate(args) -> dict:
-    from .generate import check_options, generate
-    from .models import load_model
+    from lrinfer.evaluation.generate import check_options, generate
+    from lrinfer.runtime.models import load_model
 
     device, dtype = _setup(args)
     check_options(args.max_new_tokens, args.sample, args.temperature, args.top_p)   # before the model loads
@@ -262,7 +262,7 @@ def cmd_generate(args) -> dict:
 def cmd_bench(args) -> dict:
     import torch
 
-    from .benchmark import compare, format_table, load_pair
+    from lrinfer.evaluation.benchmark import compare, format_table, load_pair
 
     device, dtype = _setup(args)
     if args.threads is not None:
@@ -300,13 +300,9 @@ def _compute_dtype(dtype, device: str):
 
 def _ppl(model, tok, args, data_dir, progress, streamer=None) -> dict:
     from .data import eval_windows
-    from .evaluate import perplexity
-    from .streaming import streamed_perplexity, streamer_of
+    from lrinfer.evaluation.perplexity import perplexity
     windows, desc = eval_windows(tok, args.data, args.seq_len, args.windows or None, data_dir)
-    if streamer is not None or streamer_of(model) is not None:    # a streamed model: block by block
-        out = streamed_perplexity(model, windows, args.eval_batch_size, progress, streamer)
-    else:
-        out = perplexity(model, windows, args.eval_batch_size, progress)
+    out = perplexity(model, windows, args.eval_batch_size, progress, streamer)
     out["data"] = desc
     return out
 
@@ -314,12 +310,12 @@ def _ppl(model, tok, args, data_dir, progress, streamer=None) -> dict:
 def cmd_compress(args) -> dict:
     import torch
 
-    from .checkpoint import CheckpointSpec, atomic_write_bytes, save_checkpoint, save_dtype
-    from .compress import CompressConfig
+    from lrinfer.runtime.checkpoint import CheckpointSpec, atomic_write_bytes, save_checkpoint, save_dtype
+    from lrinfer.offline.compress import CompressConfig
     from .data import resolve_data_dir
-    from .models import load_model
-    from .report import compression_report, dir_bytes, format_summary, unique_params
-    from .solvers.linalg import collect_fallbacks
+    from lrinfer.runtime.models import load_model
+    from lrinfer.offline.report import compression_report, dir_bytes, format_summary, unique_params
+    from lrinfer.offline.solvers.linalg import collect_fallbacks
 
     device, out_dtype = _setup(args)
     dtype = getattr(torch, args.compute_dtype) if args.compute_dtype else None
@@ -337,7 +333,7 @@ def cmd_compress(args) -> dict:
     if args.candidates:
         if not auto:
             raise LrinferError("--candidates lists recipes for --method auto; add --method auto or drop it")
-        from .recipe import Recipe, check_candidates
+        from lrinfer.offline.recipe import Recipe, check_candidates
         candidates = [Recipe.parse(spec) for spec in args.candidates]
         check_candidates(candidates, config, config.n_samples)   # before the model loads
     if args.screen is not None:
@@ -345,11 +341,11 @@ def cmd_compress(args) -> dict:
             raise LrinferError("--screen sets the search's screening round; add --method auto or drop it")
         _screening(args.screen)   # before the model loads
     out = Path(args.out or f"out/{Path(args.model or 'smollm2').stem}-{config.method}-{config.ratio:g}")
-    from .checkpoint import _prepare_out_dir
-    from .plan import compress_plan, peak_rss
-    from .solvers import get_solver
-    from .streaming import streamer_of
-    from .data import NEEDS_MODEL, resolve_calib
+    from lrinfer.runtime.checkpoint import prepare_out_dir
+    from lrinfer.offline.plan import compress_plan, peak_rss
+    from lrinfer.offline.solvers.base import get_solver
+    from lrinfer.runtime.streaming import streamer_of
+    from lrinfer.offline.calibration_data import NEEDS_MODEL, resolve_calib
     stream = (not args.no_stream and not auto and config.calib not in NEEDS_MODEL    # these need the whole model
               and not get_solver(config.method).needs_backward)
     eval_kw = {} if args.no_eval else {"eval_windows": args.windows or 64, "eval_seq_len": args.seq_len,
@@ -373,7 +369,7 @@ def cmd_compress(args) -> dict:
                              model_config=model.config, **eval_kw)
         _print_plan(plan, args)
     args.streams = plan.streams_on
-    _prepare_out_dir(out, source, args.overwrite)   # fail before the long work, not after
+    prepare_out_dir(out, source, args.overwrite)   # fail before the long work, not after
     data_dir = resolve_data_dir(args.data_dir)
     extra = {}
     if not args.no_eval:
@@ -399,7 +395,7 @@ def cmd_compress(args) -> dict:
     spec = CheckpointSpec.of_compression(config, result.ranks, **({"recipe_search": {
         "chosen": search.best.label, "criterion": search.criterion}} if search else {}))
     if streamed:   # written tensor by tensor; perplexity then reads the checkpoint back block by block
-        from .streaming import checkpoint_streamer, save_streamed_checkpoint
+        from lrinfer.runtime.streaming import checkpoint_streamer, save_streamed_checkpoint
         save_streamed_checkpoint(model, tok, out, spec, base_model=source, factor_dir=result.work_dir,
                                  overwrite=args.overwrite, dtype=out_dtype)
         if not args.no_eval:
@@ -411,7 +407,7 @@ def cmd_compress(args) -> dict:
     report["out"] = str(out)
     report["bytes_on_disk"] = dir_bytes(out)
     atomic_write_bytes(out / "report.json", json.dumps(report, indent=2).encode())
-    from .resume import WorkDir
+    from lrinfer.offline.resume import WorkDir
     WorkDir(work_dir, "").remove()
     if not args.json:
         print(format_summary(report))
@@ -424,7 +420,7 @@ def _dir_has_chat_template(spec: str | None) -> bool:
         return False
     from transformers import AutoTokenizer
 
-    from .generate import has_chat_template
+    from lrinfer.evaluation.generate import has_chat_template
     try:
         return has_chat_template(AutoTokenizer.from_pretrained(str(Path(spec).expanduser())))
     except (OSError, ValueError):
@@ -442,7 +438,7 @@ def _round_weights(model, dtype) -> None:
 
 def _screening(screen):
     """--screen SAMPLES KEEP -> the search's `Screening` (None: the default; 0 0: no screening round)."""
-    from .recipe import Screening
+    from lrinfer.offline.recipe import Screening
     if screen is None:
         return Screening()
     samples, keep = screen
@@ -457,13 +453,13 @@ def _screening(screen):
 def _compress_or_search(args, model, tok, config, candidates, data_dir, work_dir, progress):
     """Compress `model` in place with `config`, or with the recipe a search chooses (--method auto).
     Returns (config used, CompressionResult, calibration description, SearchResult or None)."""
-    from .compress import compress
-    from .data import calibration_batch
+    from lrinfer.offline.compress import compress
+    from lrinfer.offline.calibration_data import calibration_batch
     search = None
     if args.method == "auto":
-        from .data import calibration_split
-        from .recipe import apply_result
-        from .recipe import search as search_recipes
+        from lrinfer.offline.calibration_data import calibration_split
+        from lrinfer.offline.recipe import apply_result
+        from lrinfer.offline.recipe import search as search_recipes
         calib, heldout, calib_desc = calibration_split(tok, config.calib, config.n_samples, config.seq_len,
                                                        args.heldout, config.seed, data_dir, model, progress)
         search = search_recipes(model, config, calib, heldout, candidates, work_dir=work_dir,
@@ -480,9 +476,9 @@ def _compress_or_search(args, model, tok, config, candidates, data_dir, work_dir
 
 
 def cmd_eval(args) -> dict:
-    from .checkpoint import is_checkpoint, read_manifest
+    from lrinfer.runtime.checkpoint import is_checkpoint, read_manifest
     from .data import resolve_data_dir
-    from .models import load_model
+    from lrinfer.runtime.models import load_model
 
     device, dtype = _setup(args)
     model, tok, source = load_model(args.model, _compute_dtype(dtype, device), device)
@@ -496,7 +492,7 @@ def cmd_eval(args) -> dict:
     if not args.no_ppl:
         report["ppl"] = _ppl(model, tok, args, data_dir, not args.no_progress)
     if args.tasks:
-        from .zeroshot import evaluate_tasks
+        from lrinfer.evaluation.zeroshot import evaluate_tasks
         report["tasks"] = evaluate_tasks(model, tok, [t.strip() for t in args.tasks.split(",") if t.strip()],
                                          data_dir, limit=args.limit, batch_size=args.batch_size, device=device,
                                          progress=not args.no_progress, chat_records=args.chat_records)
@@ -515,7 +511,7 @@ def cmd_eval(args) -> dict:
 
 
 def cmd_methods(args) -> dict:
-    from .recipe import methods_catalog
+    from lrinfer.offline.recipe import methods_catalog
     catalog = methods_catalog()
     if not args.json:
         heads = {"solver": "solvers (--method NAME --opt KEY=VALUE; recipe 'NAME:KEY=VALUE')",
@@ -541,7 +537,7 @@ def cmd_methods(args) -> dict:
 
 
 def cmd_info(args) -> dict:
-    from .checkpoint import read_manifest, verify_files
+    from lrinfer.runtime.checkpoint import read_manifest, verify_files
     path = Path(args.dir)
     manifest = read_manifest(path)
     verify_files(path, manifest)
@@ -563,7 +559,7 @@ def cmd_info(args) -> dict:
 
 
 def cmd_plot(args) -> dict:
-    from . import plot
+    from .evaluation import plot
     _setup(args)
     report = plot.run(args)
     if not args.json:

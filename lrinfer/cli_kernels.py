@@ -1,5 +1,5 @@
 """`lrinfer kernels inspect`: the launcher's kernels compiled for sm_80/sm_90 on the CPU (no GPU),
-their SASS facts and a static ESTIMATE of time beside dense (`lrinfer.kernels.inspect`)."""
+their SASS facts and a static ESTIMATE of time beside dense (`lrinfer.runtime.kernels.inspect`)."""
 from __future__ import annotations
 
 import argparse
@@ -41,7 +41,7 @@ def add_parser(sub) -> None:
 
 
 def _rank(args) -> int:
-    from .compress import CompressConfig
+    from lrinfer.offline.compress import CompressConfig
     from .factors import rank_for_ratio
 
     if (args.ratio is None) == (args.rank is None):
@@ -56,8 +56,8 @@ def _rank(args) -> int:
 
 
 def cmd_kernels(args) -> dict:
-    from .kernels import configs
-    from .kernels.inspect import compile_only
+    from lrinfer.runtime.kernels import configs
+    from lrinfer.runtime.kernels.inspect import compile_only
 
     rank = _rank(args)
     try:
@@ -70,7 +70,7 @@ def cmd_kernels(args) -> dict:
     r1 = rank - args.k2
     if r1 < 1 or args.k2 < 0:
         raise LrinferError(f"kernels inspect: --k2 {args.k2} must be in [0, rank - 1] = [0, {rank - 1}]")
-    # what the kernels receive: ranks padded at load to RANK_ALIGN (lrinfer.nn.LowRankLinear)
+    # what the kernels receive: ranks padded at load to RANK_ALIGN (lrinfer.runtime.nn.LowRankLinear)
     k1, k2 = configs.aligned_rank(r1), configs.aligned_rank(args.k2)
     if args.method == "auto":
         m = configs.get_config(args.m, args.in_features, args.out_features, k1 + k2)["method"]

@@ -52,7 +52,8 @@ def child_env(**extra) -> dict:
 
 
 def _run(cmd: list[str], what: str, timeout: float) -> str:
-    p = subprocess.run(cmd, capture_output=True, text=True, timeout=timeout)
+    # the caller's PYTHONPATH would let pip count packages outside the venv as installed
+    p = subprocess.run(cmd, capture_output=True, text=True, timeout=timeout, env=child_env())
     out = p.stdout + p.stderr
     if p.returncode:
         if _OFFLINE.search(out):
@@ -96,7 +97,7 @@ def ensure_vllm_venv(venv: Path = VENV, timeout: float = 900, constraints: Path 
             (venv / REMOVED).write_text(json.dumps(removed))
         pip = [str(python), "-m", "pip", "--disable-pip-version-check"]
         _run(pip + ["install", "-q", "--no-deps", "-e", str(REPO)], "pip install --no-deps -e .", 300)
-        _run([str(python), "-c", "import vllm, transformers, safetensors, tqdm, numpy, lrinfer.vllm_plugin"],
+        _run([str(python), "-c", "import vllm, transformers, safetensors, tqdm, numpy, lrinfer.runtime.vllm_plugin"],
              "import check in the vLLM environment", 300)
         marker.write_text(want)
     return python
@@ -127,7 +128,7 @@ def hf_greedy(path: Path, prompts: list[list[int]], max_tokens: int) -> list[lis
     quantizer, float32), one argmax per step with the KV cache; never stops early (like vLLM's ignore_eos)."""
     from transformers import AutoModelForCausalLM
 
-    import lrinfer.hf  # noqa: F401  (registers quant_method "lrinfer" with transformers)
+    import lrinfer.runtime.hf  # noqa: F401  (registers quant_method "lrinfer" with transformers)
     model = AutoModelForCausalLM.from_pretrained(str(path), dtype=torch.float32).eval()
     import inspect
     key = "cache" if "cache" in inspect.signature(model.forward).parameters else "past_key_values"   # renamed in 5.x

@@ -53,8 +53,8 @@ def tp() -> dict:
     import vllm.model_executor.layers.linear as lin
     from vllm.config import VllmConfig, set_current_vllm_config
 
-    import lrinfer.vllm_plugin as plugin
-    from lrinfer.kernels import lowrank_linear_reference
+    import lrinfer.runtime.vllm_plugin as plugin
+    from lrinfer.runtime.kernels import lowrank_linear_reference
 
     plugin.register()
     g = torch.Generator().manual_seed(0)

@@ -1,4 +1,4 @@
-"""`lrinfer bench` and lrinfer.benchmark on tiny models (CPU, eager): both sides measured at every
+"""`lrinfer bench` and lrinfer.evaluation.benchmark on tiny models (CPU, eager): both sides measured at every
 batch size, the compressed side is smaller, the KV cache is counted, errors are one line."""
 import json
 
@@ -6,7 +6,7 @@ import pytest
 import torch
 
 import lrinfer
-from lrinfer.benchmark import Runner, bench_model, compare, weight_stats
+from lrinfer.evaluation.benchmark import Runner, bench_model, compare, weight_stats
 from lrinfer.cli import main
 
 TEXT = ("The quick brown fox jumps over the lazy dog. " * 3 + "Pack my box with five dozen liquor jugs. ") * 60

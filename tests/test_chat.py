@@ -1,14 +1,15 @@
-"""The chat evaluation (lrinfer/chat.py, `lrinfer eval --tasks chat`) and chat-format calibration (`--calib`)."""
+"""The chat evaluation (lrinfer/evaluation/chat.py, `lrinfer eval --tasks chat`) and chat-format calibration (`--calib`)."""
 import json
 import re
 
 import pytest
 import torch
 
-from lrinfer.chat import (ChatEval, chat_prompt_ids, evaluate_chat, generate_batch, load_calibration_prompts,
-                          load_questions, score_answer)
+from lrinfer.evaluation.chat import (ChatEval, chat_prompt_ids, evaluate_chat, generate_batch, load_questions,
+                                     score_answer)
+from lrinfer.offline.calibration_data import load_calibration_prompts
 from lrinfer.cli import main
-from lrinfer.data import CHAT_MODEL_CALIB, calibration_batch, calibration_split, resolve_calib
+from lrinfer.offline.calibration_data import CHAT_MODEL_CALIB, calibration_batch, calibration_split, resolve_calib
 from lrinfer.errors import LrinferError
 
 TEXT = ("The quick brown fox jumps over the lazy dog. " * 3 + "Pack my box with five dozen liquor jugs. "

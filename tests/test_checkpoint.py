@@ -5,7 +5,7 @@ import os
 import pytest
 
 import lrinfer
-from lrinfer.checkpoint import MANIFEST, WEIGHTS, atomic_write_bytes, read_manifest
+from lrinfer.runtime.checkpoint import MANIFEST, WEIGHTS, atomic_write_bytes, read_manifest
 
 
 @pytest.fixture
@@ -88,7 +88,7 @@ def test_atomic_write_leaves_old_content_on_failure(tmp_path, monkeypatch):
 
 
 def test_failed_save_leaves_no_partial_directory(tmp_path, tiny_model, monkeypatch):
-    import lrinfer.checkpoint as ck
+    import lrinfer.runtime.checkpoint as ck
 
     def boom(*a, **k):
         raise OSError("disk full")
@@ -125,7 +125,7 @@ def test_missing_directory():
 # --- the format as one object: CheckpointSpec ---------------------------------------------------
 
 def test_spec_round_trips_through_json():
-    from lrinfer.checkpoint import LAYOUT, CheckpointSpec
+    from lrinfer.runtime.checkpoint import LAYOUT, CheckpointSpec
     spec = CheckpointSpec({"a.q_proj": (48, 16), "a.down_proj": (32, 0)}, "ressvd", 0.25, base_model="tiny",
                           dtype="bfloat16", extra={"selection": "all", "config": {"seed": 3}})
     d = json.loads(json.dumps(spec.to_dict()))
@@ -149,7 +149,7 @@ def test_spec_round_trips_through_json():
     ({"ranks": {"x": [8, 0, 1]}}, r"ranks\['x'\] = \[8, 0, 1\]; expected \[rank >= 1, residual rank >= 0\]"),
 ])
 def test_spec_refuses_bad_fields_in_one_line(edit, pattern):
-    from lrinfer.checkpoint import CheckpointSpec
+    from lrinfer.runtime.checkpoint import CheckpointSpec
     d = {"quant_method": "lrinfer", "format_version": 1, "method": "svd", "ratio": 0.3, "ranks": {"x": [8, 0]}, **edit}
     with pytest.raises(lrinfer.CheckpointError, match=pattern) as info:
         CheckpointSpec.from_dict(d, "cfg")
@@ -157,7 +157,7 @@ def test_spec_refuses_bad_fields_in_one_line(edit, pattern):
 
 
 def test_save_checkpoint_builds_the_spec_from_the_model(tmp_path, tiny_model, calib_ids):
-    from lrinfer.checkpoint import LAYOUT, CheckpointSpec
+    from lrinfer.runtime.checkpoint import LAYOUT, CheckpointSpec
     result = lrinfer.compress(tiny_model, lrinfer.CompressConfig(method="svd", ratio=0.3), calib_ids, progress=False)
     path = lrinfer.save_checkpoint(tiny_model, None, tmp_path / "ck", base_model="tiny")
     manifest = read_manifest(path)
@@ -174,8 +174,8 @@ def test_save_checkpoint_builds_the_spec_from_the_model(tmp_path, tiny_model, ca
 
 
 def test_skeleton_swaps_linears_on_meta(tiny_model):
-    from lrinfer.checkpoint import CheckpointSpec, skeleton
-    from lrinfer.nn import LowRankLinear
+    from lrinfer.runtime.checkpoint import CheckpointSpec, skeleton
+    from lrinfer.runtime.nn import LowRankLinear
     name = "model.layers.1.mlp.down_proj"
     lin = tiny_model.get_submodule(name)
     skeleton(tiny_model, CheckpointSpec({name: (8, 4)}))
@@ -198,7 +198,7 @@ def _write_version1(model, out):
     tied = {k for k in state if k == "lm_head.weight" and getattr(model.config, "tie_word_embeddings", False)}
     tensors = {k: v for k, v in state.items() if k not in tied}
     save_file(tensors, str(out / WEIGHTS), metadata={"format": "pt"})
-    ranks = {n: [m.rank, m.rank2] for n, m in lrinfer.nn.lowrank_modules(model).items()}
+    ranks = {n: [m.rank, m.rank2] for n, m in lrinfer.runtime.nn.lowrank_modules(model).items()}
     qc = {"quant_method": "lrinfer", "format_version": 1, "method": "ressvd", "ratio": 0.3, "ranks": ranks}
     config = model.config.to_dict()
     config["quantization_config"] = qc
@@ -221,7 +221,7 @@ def test_version1_checkpoint_loads_bit_exactly(tmp_path, tiny_model, calib_ids):
     from transformers import AutoModelForCausalLM
 
     from lrinfer.factors import FactorPair
-    from lrinfer.nn import LowRankLinear, replace_module
+    from lrinfer.runtime.nn import LowRankLinear, replace_module
     lrinfer.compress(tiny_model, lrinfer.CompressConfig(method="svd", ratio=0.3), calib_ids, progress=False)
     name = "model.layers.0.self_attn.o_proj"
     old = tiny_model.get_submodule(name)

@@ -148,7 +148,7 @@ def test_kernels_inspect_json_and_dump(tmp_path, capsys):
     """`lrinfer kernels inspect` with the flags other tools call it with: the rank compress emits,
     the launcher's kernels compiled for sm_90 on the CPU, an ESTIMATE beside dense, cubin + PTX dumped."""
     from lrinfer.factors import rank_for_ratio
-    from lrinfer.kernels import inspect as ki
+    from lrinfer.runtime.kernels import inspect as ki
 
     try:
         ki._tool("cuobjdump")
@@ -163,8 +163,8 @@ def test_kernels_inspect_json_and_dump(tmp_path, capsys):
     (insp,) = rep["inspections"]
     assert insp["method"] == "fused" and insp["kernels"][0]["sass"]["ldg_scalar"] == 0
     assert "ESTIMATE" in insp["estimate"]["label"] and insp["estimate"]["h100"]["dense_bytes"] == 4096 * 11008 * 2
-    assert (tmp_path / "fused" / "0__fused_kernel_sm90.cubin").stat().st_size > 0
-    assert "_fused_kernel" in (tmp_path / "fused" / "0__fused_kernel_sm90.ptx").read_text()
+    assert (tmp_path / "fused" / "0_fused_kernel_sm90.cubin").stat().st_size > 0
+    assert "fused_kernel" in (tmp_path / "fused" / "0_fused_kernel_sm90.ptx").read_text()
     assert main(argv) == 0
     assert "ESTIMATE" in capsys.readouterr().out
     assert main(["kernels", "inspect", "--in", "4096", "--out", "11008", "--m", "1"]) == 2

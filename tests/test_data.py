@@ -3,7 +3,8 @@ import json
 import pytest
 import torch
 
-from lrinfer.data import calibration_batch, eval_windows, load_text, resolve_data_dir
+from lrinfer.offline.calibration_data import calibration_batch
+from lrinfer.data import eval_windows, load_text, resolve_data_dir
 from lrinfer.errors import LrinferError
 
 

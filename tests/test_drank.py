@@ -2,10 +2,10 @@
 import pytest
 import torch
 
-from lrinfer.allocation import achieved_ratio, get_allocator
-from lrinfer.allocation.drank import effective_rank, lagrange_ranks, rebalance_attention, tail_energy
+from lrinfer.offline.allocation.base import achieved_ratio, get_allocator
+from lrinfer.offline.allocation.drank import effective_rank, lagrange_ranks, rebalance_attention, tail_energy
 from lrinfer.errors import LrinferError
-from lrinfer.models import LinearInfo
+from lrinfer.runtime.architecture import LinearInfo
 
 drank = get_allocator("drank")
 SHAPES_GQA = {"q_proj": (64, 64), "k_proj": (64, 32), "v_proj": (64, 32), "o_proj": (64, 64),

@@ -3,8 +3,8 @@ import pytest
 import torch
 
 from lrinfer.factors import FactorPair
-from lrinfer.kernels.ops import lowrank_linear_reference
-from lrinfer.nn import LowRankLinear
+from lrinfer.runtime.kernels.ops import lowrank_linear_reference
+from lrinfer.runtime.nn import LowRankLinear
 
 
 def _module(rank2=0, bias=True):
@@ -35,7 +35,7 @@ def test_eager_call_skips_the_op_dispatch():
     with Ops():   # a dispatch mode is tracing: the call must go through the registered op
         m(x)
     assert any("lrinfer.lowrank_linear" in s for s in seen)
-    from lrinfer.kernels import ops
+    from lrinfer.runtime.kernels import ops
     assert not ops._needs_op(x)   # plain eager: no op dispatch
 
 

@@ -21,8 +21,8 @@ from hypothesis import strategies as st
 
 import lrinfer
 from ._tiny import tiny_llama
-from lrinfer.checkpoint import MANIFEST, WEIGHTS, sha256_file
-from lrinfer.kernels import lowrank_linear, lowrank_linear_reference
+from lrinfer.runtime.checkpoint import MANIFEST, WEIGHTS, sha256_file
+from lrinfer.runtime.kernels import lowrank_linear, lowrank_linear_reference
 
 # ============================================================================ loader fuzz
 

@@ -67,7 +67,7 @@ def test_every_phase_runs_and_records(dry_run):
 
 
 def test_env_and_timings_use_the_library_ranks(dry_run):
-    from lrinfer.compress import CompressConfig
+    from lrinfer.offline.compress import CompressConfig
     from lrinfer.factors import rank_for_ratio
 
     _, recs = dry_run

@@ -13,10 +13,10 @@ from torch.utils._pytree import tree_flatten
 from transformers import AutoModelForCausalLM
 
 import lrinfer
-import lrinfer.checkpoint
-import lrinfer.hf
-from lrinfer.checkpoint import MANIFEST, WEIGHTS
-from lrinfer.nn import LowRankLinear, lowrank_modules
+import lrinfer.runtime.checkpoint
+import lrinfer.runtime.hf
+from lrinfer.runtime.checkpoint import MANIFEST, WEIGHTS
+from lrinfer.runtime.nn import LowRankLinear, lowrank_modules
 
 from ._tiny import tiny_checkpoint, tiny_llama
 
@@ -95,7 +95,7 @@ def test_from_pretrained_never_allocates_dense_weights(compressed, monkeypatch):
     assert rec.seen == []
     assert all(isinstance(loaded.get_submodule(n), LowRankLinear) for n in result.ranks)
     # control: the recorder does see dense weights when the swap to LowRankLinear is skipped
-    monkeypatch.setattr(lrinfer.hf.LrinferHfQuantizer, "_process_model_before_weight_loading",
+    monkeypatch.setattr(lrinfer.runtime.hf.LrinferHfQuantizer, "_process_model_before_weight_loading",
                         lambda self, model, **kw: model)
     with DenseAllocations(shapes) as rec:
         AutoModelForCausalLM.from_pretrained(path, device_map="cpu")
@@ -138,9 +138,9 @@ def test_mark_patched_in_memory_model_saves_loadable(tmp_path):
     model = _tiny(seed=1)
     ids = torch.randint(0, 128, (2, 32), generator=torch.Generator().manual_seed(0))
     result = lrinfer.compress(model, lrinfer.CompressConfig(method="svd", ratio=0.5), ids, progress=False)
-    qc = lrinfer.hf.mark_patched(model, method="svd", ratio=0.5)
+    qc = lrinfer.runtime.hf.mark_patched(model, method="svd", ratio=0.5)
     assert qc.ranks == result.ranks
-    lrinfer.hf.save_pretrained(model, tmp_path / "m", base_model="tiny-seed1")
+    lrinfer.runtime.hf.save_pretrained(model, tmp_path / "m", base_model="tiny-seed1")
     ref = _logits(model, IDS)
     assert torch.equal(_logits(AutoModelForCausalLM.from_pretrained(tmp_path / "m"), IDS), ref)
     assert torch.equal(_logits(lrinfer.load_checkpoint(tmp_path / "m")[0], IDS), ref)
@@ -149,11 +149,11 @@ def test_mark_patched_in_memory_model_saves_loadable(tmp_path):
 def test_dense_model_cannot_be_compressed_on_the_fly(tmp_path):
     _tiny().save_pretrained(tmp_path / "dense")
     with pytest.raises(ValueError, match="pre-quantized"):
-        AutoModelForCausalLM.from_pretrained(tmp_path / "dense", quantization_config=lrinfer.hf.LrinferConfig())
+        AutoModelForCausalLM.from_pretrained(tmp_path / "dense", quantization_config=lrinfer.runtime.hf.LrinferConfig())
 
 
 _GEN = """
-import sys, json, torch, lrinfer.hf
+import sys, json, torch, lrinfer.runtime.hf
 from transformers import AutoModelForCausalLM
 model = AutoModelForCausalLM.from_pretrained(sys.argv[1], device_map="cpu")
 ids = torch.tensor(json.loads(sys.argv[2]))

@@ -16,7 +16,7 @@ from safetensors.torch import load_file, save_file
 
 import lrinfer
 from ._tiny import tiny_checkpoint
-from lrinfer.checkpoint import MANIFEST, WEIGHTS, sha256_file
+from lrinfer.runtime.checkpoint import MANIFEST, WEIGHTS, sha256_file
 
 FACTOR = "model.layers.0.self_attn.q_proj"     # a compressed linear of the tiny model ([64, 64])
 MLP = "model.layers.1.mlp.down_proj"           # [64, 128]

@@ -12,8 +12,8 @@ import pytest
 import torch
 
 import lrinfer
-from lrinfer.calibration import LinearStats
-from lrinfer.solvers import SOLVERS
+from lrinfer.offline.calibration import LinearStats
+from lrinfer.offline.solvers.base import SOLVERS
 
 WHITENING = {"svdllm", "ressvd", "saes"}          # solvers whose statistics go through `whitener`
 ALL = sorted(SOLVERS)

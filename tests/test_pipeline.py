@@ -3,10 +3,11 @@ import pytest
 import torch
 
 import lrinfer
-from lrinfer.allocation import achieved_ratio
-from lrinfer.calibration import capture_inputs, linear_stages
-from lrinfer.models import compressible_linears, decoder_blocks
-from lrinfer.nn import LowRankLinear, lowrank_modules
+from lrinfer.offline.allocation.base import achieved_ratio
+from lrinfer.runtime.blocks import capture_inputs
+from lrinfer.offline.calibration import linear_stages
+from lrinfer.runtime.architecture import compressible_linears, decoder_blocks
+from lrinfer.runtime.nn import LowRankLinear, lowrank_modules
 
 
 @pytest.mark.parametrize("method", ["svd", "svdllm"])

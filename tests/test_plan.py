@@ -7,7 +7,7 @@ import pytest
 
 import lrinfer
 from lrinfer.cli import main
-from lrinfer.plan import GiB, estimate, read_config
+from lrinfer.offline.plan import GiB, estimate, read_config
 
 CONFIGS = Path(__file__).resolve().parents[1] / "bench" / "configs"
 

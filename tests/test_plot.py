@@ -7,7 +7,7 @@ import pytest
 import torch
 
 import lrinfer
-from lrinfer import plot
+from lrinfer.evaluation import plot
 
 
 @pytest.fixture

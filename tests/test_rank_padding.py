@@ -1,6 +1,6 @@
 """Ranks the kernels cannot load with 16-byte rows are zero-padded at load (`LowRankLinear`).
 
-Padding happens on the devices in `lrinfer.nn.PAD_DEVICE_TYPES` (CUDA); here CPU is added to it
+Padding happens on the devices in `lrinfer.runtime.nn.PAD_DEVICE_TYPES` (CUDA); here CPU is added to it
 so the same code runs on this machine.
 """
 from __future__ import annotations
@@ -9,9 +9,9 @@ import pytest
 import torch
 
 import lrinfer
-from lrinfer import nn as lnn
+from lrinfer.runtime import nn as lnn
 from lrinfer.factors import FactorPair, rank_for_ratio
-from lrinfer.kernels import configs, lowrank_linear_reference
+from lrinfer.runtime.kernels import configs, lowrank_linear_reference
 
 
 @pytest.fixture

@@ -6,7 +6,7 @@ import torch
 
 import lrinfer
 from lrinfer.cli import main
-from lrinfer.recipe import Recipe
+from lrinfer.offline.recipe import Recipe
 
 TEXT = ("A stitch in time saves nine. Actions speak louder than words. " * 3 +
         "The early bird catches the worm; the second mouse gets the cheese. ") * 120
@@ -59,7 +59,7 @@ def test_cli_auto_records_choice_and_reloads(model_dir, tmp_path, capsys):
     assert qc["recipe_search"]["chosen"] == best["label"]
     assert qc["config"]["selection"] == best["recipe"]["selection"]
     model, _ = lrinfer.load_checkpoint(out)
-    assert len(lrinfer.nn.lowrank_modules(model)) == len(report["ranks"])
+    assert len(lrinfer.runtime.nn.lowrank_modules(model)) == len(report["ranks"])
 
 
 def test_search_never_reads_evaluation_data(model_dir, tmp_path, monkeypatch, capsys):
@@ -104,7 +104,7 @@ def test_selection_keeps_costly_first_layers_dense(make_tiny):
 
 
 def test_screening_keeps_the_best_proxies_and_shares_them(make_tiny, tmp_path, monkeypatch):
-    import lrinfer.recipe as recipe_mod
+    import lrinfer.offline.recipe as recipe_mod
     dense = make_tiny(layers=2)
     g = torch.Generator().manual_seed(2)
     calib, held = torch.randint(0, 128, (8, 32), generator=g), torch.randint(0, 128, (2, 32), generator=g)
@@ -166,7 +166,7 @@ def test_recipe_spec_parses_every_stage():
 
 
 def test_search_resumes_by_recipe_and_slices_calibration(make_tiny, tmp_path, monkeypatch):
-    import lrinfer.recipe as recipe_mod
+    import lrinfer.offline.recipe as recipe_mod
     dense = make_tiny(layers=2)
     g = torch.Generator().manual_seed(1)
     calib, held = torch.randint(0, 128, (8, 32), generator=g), torch.randint(0, 128, (2, 32), generator=g)

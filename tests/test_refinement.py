@@ -4,7 +4,7 @@ import torch
 
 import lrinfer
 from ._tiny import tiny_llama
-from lrinfer.recipe import Recipe
+from lrinfer.offline.recipe import Recipe
 
 
 def _ids(n=8, t=32, seed=0):
@@ -70,8 +70,8 @@ def test_refinement_in_recipes_and_errors():
 def test_micro_batches_slice_the_block_call_consistently():
     """A piece of `batch` sequences (hidden states, per-sequence mask) gives the block's output on
     those sequences: the same rows as the whole batch's output."""
-    from lrinfer.calibration import BlockCall, capture_inputs
-    from lrinfer.refinement.blockfit import _micro_batches
+    from lrinfer.runtime.blocks import BlockCall, capture_inputs
+    from lrinfer.offline.refinement.blockfit import _micro_batches
     model = tiny_llama(layers=1).double()
     blocks = model.model.layers
     streams = capture_inputs(model, blocks, _ids(n=4, t=16), batch_size=4, device=torch.device("cpu"))

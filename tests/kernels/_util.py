@@ -3,7 +3,7 @@ from __future__ import annotations
 
 import torch
 
-from lrinfer.kernels import lowrank_linear_reference
+from lrinfer.runtime.kernels import lowrank_linear_reference
 
 TOL = {torch.float32: 2e-4, torch.float16: 2e-2, torch.bfloat16: 8e-2}
 

@@ -4,8 +4,8 @@ from __future__ import annotations
 import pytest
 import torch
 
-import lrinfer.kernels as K
-from lrinfer.kernels import configs
+import lrinfer.runtime.kernels as K
+from lrinfer.runtime.kernels import configs
 
 from ._util import assert_close, make_case, ref64
 
@@ -40,7 +40,7 @@ MODES = {"fused": dict(fused=True), "two_launch": dict(fused=False), "two_launch
 @pytest.mark.parametrize("case", CASES, ids=_ids)
 @pytest.mark.parametrize("mode", list(MODES))
 def test_decode_kernels(case, dtype, mode):
-    from lrinfer.kernels import fused_decode
+    from lrinfer.runtime.kernels import fused_decode
 
     M, IN, OUT, k, k2, bias = case
     x, V, U, b, V2, U2 = make_case(M, IN, OUT, k, k2, dtype, bias, device="cuda")
@@ -53,7 +53,7 @@ def test_decode_kernels(case, dtype, mode):
 
 def test_pdl_available_on_sm90():
     """Hopper + Triton >= 3.4: the two_launch_pdl mode really uses programmatic dependent launch."""
-    from lrinfer.kernels import fused_decode
+    from lrinfer.runtime.kernels import fused_decode
 
     if torch.cuda.get_device_capability(0)[0] < 9:
         pytest.skip("programmatic dependent launch needs SM90+")
@@ -63,7 +63,7 @@ def test_pdl_available_on_sm90():
 @pytest.mark.parametrize("over_ask", [1, 8])
 def test_fused_grid_bounded_by_residency(over_ask):
     """max_programs far above the SM count: the launcher clamps to SMs × occupancy (cooperative)."""
-    from lrinfer.kernels import fused_decode
+    from lrinfer.runtime.kernels import fused_decode
 
     x, V, U, b, _, _ = make_case(32, 4096, 4096, 1224, 0, torch.bfloat16, True, device="cuda")
     cfg = dict(configs.DEFAULTS[32])
@@ -107,7 +107,7 @@ def test_fused_two_streams_thousand_times_never_hangs(cooperative, extra):
 @pytest.mark.parametrize("dtype", DTYPES, ids=str)
 @pytest.mark.parametrize("case", CASES, ids=_ids)
 def test_prefill_kernel(case, dtype):
-    from lrinfer.kernels import prefill
+    from lrinfer.runtime.kernels import prefill
 
     M, IN, OUT, k, k2, bias = case
     x, V, U, b, V2, U2 = make_case(M, IN, OUT, k, k2, dtype, bias, device="cuda")
@@ -160,7 +160,7 @@ def test_cuda_graph_capture_cold_workspace():
 @pytest.mark.parametrize("mode", list(MODES))
 def test_cuda_graph_each_decode_mode(mode):
     """Each decode mode captured in a CUDA graph (cooperative launch / PDL edges in the graph)."""
-    from lrinfer.kernels import fused_decode
+    from lrinfer.runtime.kernels import fused_decode
 
     dtype = torch.bfloat16
     x, V, U, b, V2, U2 = make_case(4, 2048, 1536, 300, 24, dtype, True, device="cuda")

@@ -1,5 +1,5 @@
 """The grouped kernel pair (vLLM's fused qkv / gate_up layers) under TRITON_INTERPRET=1 vs float64:
-one `_shrink_kernel` over [V_0|...|V_{S-1}], one `_grouped_expand_kernel` writing each shard's
+one `shrink_kernel` over [V_0|...|V_{S-1}], one `grouped_expand_kernel` writing each shard's
 columns of y (issue 23 item 6). fp32/fp16 only (bf16 tl.dot is broken in the interpreter);
 bf16/sm_90 code is checked by compile + SASS in test_sass.py."""
 from __future__ import annotations
@@ -8,9 +8,9 @@ import pytest
 import torch
 
 from lrinfer.factors import FactorPair
-from lrinfer.kernels import configs, ops
-from lrinfer.nn import LowRankLinear
-from lrinfer.serving import lowrank_linear_grouped, pack_grouped
+from lrinfer.runtime.kernels import configs, ops
+from lrinfer.runtime.nn import LowRankLinear
+from lrinfer.runtime.kernels.grouped import lowrank_linear_grouped, pack_grouped
 
 from ._util import TOL
 
@@ -85,7 +85,7 @@ def test_grouped_repeated_calls_and_counters(interp):
 @pytest.fixture
 def kernel_dispatch(interp, monkeypatch):
     """`lowrank_linear_grouped`'s CUDA branch, on the CPU: device layer mocked, interpreted kernels."""
-    monkeypatch.setattr(ops, "_use_triton", lambda x: x.dtype in (torch.float16, torch.float32))
+    monkeypatch.setattr(ops, "use_triton", lambda x: x.dtype in (torch.float16, torch.float32))
     monkeypatch.setattr(ops, "_device_index", lambda x: 0)
     monkeypatch.setattr(configs, "device_slug", lambda i: "")
     monkeypatch.setattr(ops, "fused_decode", interp.fused_decode)

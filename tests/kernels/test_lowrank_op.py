@@ -6,8 +6,8 @@ import json
 import pytest
 import torch
 
-import lrinfer.kernels as K
-from lrinfer.kernels import configs
+import lrinfer.runtime.kernels as K
+from lrinfer.runtime.kernels import configs
 
 from ._util import assert_close, make_case, ref64
 

@@ -12,7 +12,7 @@ import logging
 import pytest
 import torch
 
-from lrinfer.kernels import configs, ops
+from lrinfer.runtime.kernels import configs, ops
 
 from ._util import assert_close, make_case, ref64
 
@@ -50,14 +50,14 @@ def _refusing(mod, message=REFUSED):
                                      "Triton Error [CUDA]: operation not permitted when stream is capturing"])
 def test_refused_cooperative_launch_falls_back_with_one_log_line(fd, monkeypatch, caplog, message):
     monkeypatch.setattr(fd, "_launch_kernel", _refusing(fd, message))
-    caplog.set_level(logging.WARNING, logger="lrinfer.kernels")
+    caplog.set_level(logging.WARNING, logger="lrinfer.runtime.kernels")
     for M in (1, 5, 3):
         x, V, U, b, V2, U2 = make_case(M, 70, 50, 24, 8, torch.float16, True)
         y = fd.lowrank_decode(x, V, U, b, V2, U2, cfg=CFG, fused=True, max_programs=1, cooperative=True)
         assert_close(y, ref64(x, V, U, b, V2, U2), torch.float16)
     names = [n for n, _ in fd.launched]
     # each call: the refused fused attempt, then shrink + expand
-    assert names == ["_fused_kernel", "_shrink_kernel", "_expand_kernel"] * 3, names
+    assert names == ["fused_kernel", "shrink_kernel", "expand_kernel"] * 3, names
     lines = [r for r in caplog.records if "cooperative launch" in r.getMessage()]
     assert len(lines) == 1 and "two_launch_pdl" in lines[0].getMessage()
     assert fd.cooperative_refused(0, False) and not fd.cooperative_refused(0, True)
@@ -83,7 +83,7 @@ def test_failed_expand_leaves_no_dirty_workspace(fd, monkeypatch):
     x, V, U, b, _, _ = make_case(3, 64, 40, 16, 0, torch.float32, True)
 
     def expand_fails(launch):
-        if launch.kernel.__name__ == "_expand_kernel":
+        if launch.kernel.__name__ == "expand_kernel":
             raise RuntimeError("Triton Error [CUDA]: launch failed")
         fd.real_launch(launch)
     monkeypatch.setattr(fd, "_launch_kernel", expand_fails)
@@ -151,13 +151,13 @@ def test_below_sm80_uses_torch_with_one_log_line(monkeypatch, caplog):
     monkeypatch.setattr(torch.cuda, "get_device_capability", lambda i=None: caps["v"])
     monkeypatch.setattr(ops, "HAS_TRITON", True)
     ops._arch_ok.cache_clear()
-    caplog.set_level(logging.WARNING, logger="lrinfer.kernels")
+    caplog.set_level(logging.WARNING, logger="lrinfer.runtime.kernels")
     try:
-        assert not ops._use_triton(_FakeCuda()) and not ops._use_triton(_FakeCuda())
+        assert not ops.use_triton(_FakeCuda()) and not ops.use_triton(_FakeCuda())
         assert len([r for r in caplog.records if "below sm_80" in r.getMessage()]) == 1
         ops._arch_ok.cache_clear()
         caps["v"] = (8, 0)
-        assert ops._use_triton(_FakeCuda())
+        assert ops.use_triton(_FakeCuda())
     finally:
         ops._arch_ok.cache_clear()
 
@@ -185,11 +185,11 @@ def test_cooperative_decision(fd, monkeypatch):
 
 
 def test_warmup_runs_every_shape_dtype_and_bucket(fd, monkeypatch):
-    """`lrinfer.kernels.warmup` launches the kernels of every (shape, dtype, M) through the real
+    """`lrinfer.runtime.kernels.warmup` launches the kernels of every (shape, dtype, M) through the real
     dispatch (device layer mocked, interpreted kernels); cuBLAS buckets run the torch path."""
-    from lrinfer.kernels import warmup
+    from lrinfer.runtime.kernels import warmup
 
-    monkeypatch.setattr(ops, "_use_triton", lambda x: x.dtype in (torch.float16, torch.float32))
+    monkeypatch.setattr(ops, "use_triton", lambda x: x.dtype in (torch.float16, torch.float32))
     monkeypatch.setattr(ops, "_device_index", lambda x: 0)
     monkeypatch.setattr(configs, "device_slug", lambda i: "")
     monkeypatch.setattr(ops, "fused_decode", fd)
@@ -199,8 +199,8 @@ def test_warmup_runs_every_shape_dtype_and_bucket(fd, monkeypatch):
     assert len(recs) == 3 * 2 * 3
     assert [r["method"] for r in recs] == ["two_launch_pdl", "two_launch_pdl", "torch"] * 6
     names = [n for n, _ in fd.launched]
-    assert names.count("_expand_kernel") == 2 * 2 * 2 and names.count("_grouped_expand_kernel") == 2 * 2
-    assert names.count("_shrink_kernel") == 3 * 2 * 2
+    assert names.count("expand_kernel") == 2 * 2 * 2 and names.count("grouped_expand_kernel") == 2 * 2
+    assert names.count("shrink_kernel") == 3 * 2 * 2
     from lrinfer.errors import LrinferError
     with pytest.raises(LrinferError, match="is not"):
         warmup([(1, 2)], device="cpu")

@@ -11,7 +11,7 @@ from __future__ import annotations
 import pytest
 import torch
 
-from lrinfer.kernels import configs
+from lrinfer.runtime.kernels import configs
 
 from ._util import assert_close, make_case, ref64
 

@@ -3,7 +3,7 @@ from __future__ import annotations
 
 import torch
 
-from lrinfer.calibration import LinearStats
+from lrinfer.offline.calibration import LinearStats
 
 
 def inputs(n: int, d: int, seed: int = 0, outliers: bool = True) -> torch.Tensor:

@@ -2,7 +2,7 @@ import pytest
 import torch
 
 from lrinfer.errors import LrinferError
-from lrinfer.solvers import get_solver, truncated_svd
+from lrinfer.offline.solvers.base import get_solver, truncated_svd
 
 from ._data import inputs, stats_from, weight
 

@@ -4,8 +4,8 @@ import torch
 import transformers
 
 import lrinfer
-from lrinfer.allocation import achieved_ratio
-from lrinfer.solvers import SOLVERS
+from lrinfer.offline.allocation.base import achieved_ratio
+from lrinfer.offline.solvers.base import SOLVERS
 
 IDS = torch.randint(0, 100, (8, 32), generator=torch.Generator().manual_seed(0))
 

@@ -5,10 +5,10 @@ import pytest
 import torch
 from ._data import inputs, stats_from, weight
 
-from lrinfer.calibration import LinearStats
-from lrinfer.solvers import get_solver
-from lrinfer.solvers.linalg import factor_gram, singular_values, top_eigh, top_svd, whitener
-from lrinfer.solvers.saes import aces_beta
+from lrinfer.offline.calibration import LinearStats
+from lrinfer.offline.solvers.base import get_solver
+from lrinfer.offline.solvers.linalg import factor_gram, singular_values, top_eigh, top_svd, whitener
+from lrinfer.offline.solvers.saes import aces_beta
 
 
 def old_truncated_svd(A, rank):

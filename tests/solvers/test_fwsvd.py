@@ -1,9 +1,9 @@
 import pytest
 import torch
 
-from lrinfer.calibration import LinearStats
+from lrinfer.offline.calibration import LinearStats
 from lrinfer.errors import LrinferError
-from lrinfer.solvers import get_solver, truncated_svd
+from lrinfer.offline.solvers.base import get_solver, truncated_svd
 
 from ._data import weight
 

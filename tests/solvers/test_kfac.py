@@ -5,11 +5,11 @@ import pytest
 import torch
 
 import lrinfer
-from lrinfer.allocation import achieved_ratio
-from lrinfer.calibration import LinearStats, output_gradient_grams
-from lrinfer.solvers import get_solver
-from lrinfer.solvers.kfac import two_sided_truncation
-from lrinfer.solvers.svdllm import whitened_truncation
+from lrinfer.offline.allocation.base import achieved_ratio
+from lrinfer.offline.calibration import LinearStats, output_gradient_grams
+from lrinfer.offline.solvers.base import get_solver
+from lrinfer.offline.solvers.kfac import two_sided_truncation
+from lrinfer.offline.solvers.svdllm import whitened_truncation
 
 from .._tiny import tiny_llama
 from ._data import inputs, weight
@@ -251,7 +251,7 @@ def test_compress_plumbs_gradients_to_the_solver():
 
 
 def test_streamed_model_is_refused(tmp_path):
-    from lrinfer.streaming import load_streamed
+    from lrinfer.runtime.streaming import load_streamed
     model = tiny_llama(layers=2)
     model.save_pretrained(tmp_path / "m")
     ids = torch.randint(0, 128, (2, 16), generator=torch.Generator().manual_seed(0))

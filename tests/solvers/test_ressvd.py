@@ -2,12 +2,12 @@ import pytest
 import torch
 
 from lrinfer import CompressConfig
-from lrinfer.selection import get_selection, ratio_within
+from lrinfer.offline.selection.base import get_selection, ratio_within
 from lrinfer.errors import LrinferError
-from lrinfer.models import LinearInfo
-from lrinfer.solvers import get_solver
-from lrinfer.solvers.ressvd import residual_rank
-from lrinfer.solvers.svdllm import whitened_truncation
+from lrinfer.runtime.architecture import LinearInfo
+from lrinfer.offline.solvers.base import get_solver
+from lrinfer.offline.solvers.ressvd import residual_rank
+from lrinfer.offline.solvers.svdllm import whitened_truncation
 
 from ._data import inputs, stats_from, weight
 

@@ -2,9 +2,9 @@ import pytest
 import torch
 
 from lrinfer.errors import LrinferError
-from lrinfer.solvers import get_solver
-from lrinfer.solvers.saes import aces_beta, cealc_targets, retained_energy
-from lrinfer.solvers.svdllm import whitened_truncation
+from lrinfer.offline.solvers.base import get_solver
+from lrinfer.offline.solvers.saes import aces_beta, cealc_targets, retained_energy
+from lrinfer.offline.solvers.svdllm import whitened_truncation
 
 from ._data import inputs, stats_from, weight
 

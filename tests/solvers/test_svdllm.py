@@ -2,9 +2,9 @@ import logging
 
 import torch
 
-from lrinfer.calibration import LinearStats
-from lrinfer.solvers import get_solver
-from lrinfer.solvers.linalg import whitener
+from lrinfer.offline.calibration import LinearStats
+from lrinfer.offline.solvers.base import get_solver
+from lrinfer.offline.solvers.linalg import whitener
 
 
 def _data(n=400, d_in=48, d_out=40, seed=0):
