@@ -347,7 +347,7 @@ def cmd_compress(args) -> dict:
     from lrinfer.runtime.streaming import streamer_of
     from lrinfer.offline.calibration_data import NEEDS_MODEL, resolve_calib
     stream = (not args.no_stream and not auto and config.calib not in NEEDS_MODEL    # these need the whole model
-              and not get_solver(config.method).needs_backward)
+              and not config.needs_backward)
     eval_kw = {} if args.no_eval else {"eval_windows": args.windows or 64, "eval_seq_len": args.seq_len,
                                        "eval_batch_size": args.eval_batch_size}
     if stream and config.calib == "auto" and _dir_has_chat_template(args.model):

@@ -311,14 +311,25 @@ def output_gradient_grams(model: nn.Module, names: list[str], input_ids: torch.T
     batches; half the memory of float64); half-precision models are back-propagated in float32. Only
     activations carry gradients (the embeddings' output is the leaf): no weight gradient is formed."""
     with _in_float32(model):
-        return _output_gradient_grams(model, names, input_ids, batch_size)
+        return _output_gradients(model, names, input_ids, batch_size, gram=True)
 
 
-def _output_gradient_grams(model, names, input_ids, batch_size):
+def output_gradient_energy(model: nn.Module, names: list[str], input_ids: torch.Tensor,
+                           batch_size: int = 1) -> dict[str, float]:
+    """Mean over calibration tokens and output units of g² for each named linear: tr(Σ g gᵀ) / (N·out),
+    the trace of `output_gradient_grams` per output unit and token, without forming the Grams. It
+    weighs a linear's output error in a second-order model of the loss (allocation `loss`)."""
+    with _in_float32(model):
+        sums = _output_gradients(model, names, input_ids, batch_size, gram=False)
+    tokens = input_ids.shape[0] * (input_ids.shape[1] - 1)
+    return {n: float(v) / (tokens * model.get_submodule(n).out_features) for n, v in sums.items()}
+
+
+def _output_gradients(model, names, input_ids, batch_size, gram: bool):
     device = next(model.parameters()).device
     modules = {n: model.get_submodule(n) for n in names}
-    grams = {n: torch.zeros(m.out_features, m.out_features, dtype=torch.float32, device=device)
-             for n, m in modules.items()}
+    acc = {n: torch.zeros((m.out_features, m.out_features) if gram else (), dtype=torch.float32 if gram
+                          else torch.float64, device=device) for n, m in modules.items()}
 
     def keep(name):
         def hook(mod, args, out):
@@ -327,7 +338,10 @@ def _output_gradient_grams(model, names, input_ids, batch_size):
                     raise LrinferError(f"output gradients: the gradient of {name}'s output is not finite; "
                                        "check the model and calibration text")
                 g = g.reshape(-1, g.shape[-1]).float()
-                grams[name].addmm_(g.t(), g)
+                if gram:
+                    acc[name].addmm_(g.t(), g)
+                else:
+                    acc[name] += g.double().pow(2).sum()
             out.register_hook(on_grad)
         return hook
 
@@ -349,4 +363,4 @@ def _output_gradient_grams(model, names, input_ids, batch_size):
             h.remove()
         for p, f in flags.items():
             p.requires_grad_(f)
-    return grams
+    return acc

@@ -12,7 +12,8 @@ from tqdm.auto import tqdm
 
 from lrinfer.offline.allocation.base import get_allocator
 from lrinfer.runtime.blocks import to_device, capture_inputs, run_block
-from .calibration import collect_stats, fisher_information, linear_stages, output_gradient_grams, swapped_in
+from .calibration import (collect_stats, fisher_information, linear_stages, output_gradient_energy,
+                          output_gradient_grams, swapped_in)
 from lrinfer.runtime.checkpoint import CheckpointSpec, skeleton
 from lrinfer.errors import LrinferError
 from lrinfer.factors import FactorPair, check_ratio
@@ -73,6 +74,11 @@ class CompressConfig:
         for name in ("rank_multiple", "n_samples", "seq_len", "batch_size"):
             if int(getattr(self, name)) < 1:
                 raise LrinferError(f"{name} must be >= 1; got {getattr(self, name)}")
+
+    @property
+    def needs_backward(self) -> bool:
+        """The solver or the allocation back-propagates through the whole model: it cannot stream."""
+        return get_solver(self.method).needs_backward or get_allocator(self.allocation).needs_sensitivity
 
     def to_dict(self) -> dict:
         return asdict(self)
@@ -178,9 +184,9 @@ def compress(model: nn.Module, config: CompressConfig, calib_ids: torch.Tensor, 
     prefix, blocks = decoder_blocks(model)
     linears = compressible_linears(model, config.modules)
     streamer = streamer_of(model)
-    if streamer is not None and solver.needs_backward:
-        raise LrinferError(f"solver '{config.method}' back-propagates through the whole model (gradient statistics), "
-                           "so it cannot stream one block at a time; load the model whole "
+    if streamer is not None and config.needs_backward:
+        raise LrinferError(f"{config.method} / {config.allocation} back-propagates through the whole model (gradient "
+                           "statistics), so it cannot stream one block at a time; load the model whole "
                            "(lrinfer compress --no-stream, or load_model(..., stream=False))")
     if streamer is None:        # an in-memory model runs where its weights are
         weights_on = next(model.parameters()).device
@@ -213,7 +219,10 @@ def compress(model: nn.Module, config: CompressConfig, calib_ids: torch.Tensor, 
             streams_ = _place(capture_inputs(model, blocks, calib_ids, config.batch_size, device), stream_device)
             spectra = _spectra(model, blocks, streams_, selected, prefix, progress, streamer, device)
             del streams_
-        ranks = allocator(selected, inner_ratio, config.rank_multiple, spectra, **config.allocation_options)
+        sensitivity = ((output_gradient_energy(model, [f.name for f in selected], calib_ids, 1),)
+                       if allocator.needs_sensitivity else ())
+        ranks = allocator(selected, inner_ratio, config.rank_multiple, spectra, *sensitivity,
+                          **config.allocation_options)
     fisher = (fisher_information(model, list(ranks), calib_ids, config.batch_size)   # squares per batch:
               if "fisher" in solver.needs else {})                                  # the batch matters
     # output gradients one sequence at a time: per-token gradients of the summed NLL, so the same Grams,

@@ -1,4 +1,4 @@
-"""The allocation registry and what every allocatio method shares."""
+"""The rank allocation registry and what every allocator shares."""
 from __future__ import annotations
 
 from dataclasses import dataclass
@@ -9,15 +9,17 @@ from lrinfer.runtime.architecture import LinearInfo
 
 @dataclass(frozen=True)
 class Allocator(Method):
-    needs_spectra: bool = False     # wants the whitened singular values of every selected linear
+    needs_spectra: bool = False       # wants the whitened singular values of every selected linear
+    needs_sensitivity: bool = False   # wants each linear's output-gradient energy (a whole-model backward)
 
 
 ALLOCATORS = Registry("rank allocation", Allocator)
 
 
-def register_allocator(name: str, needs_spectra: bool = False, summary: str = ""):
-    """Decorator registering `allocate(linears, ratio, multiple, spectra, *, option=...)` under `name`."""
-    return ALLOCATORS.register(name, summary, needs_spectra=needs_spectra)
+def register_allocator(name: str, needs_spectra: bool = False, needs_sensitivity: bool = False, summary: str = ""):
+    """Decorator registering `allocate(linears, ratio, multiple, spectra, *, option=...)` under `name`;
+    with needs_sensitivity, `allocate(linears, ratio, multiple, spectra, sensitivity, *, ...)`."""
+    return ALLOCATORS.register(name, summary, needs_spectra=needs_spectra, needs_sensitivity=needs_sensitivity)
 
 
 def get_allocator(name: str) -> Allocator:

@@ -1,4 +1,4 @@
-"""The refinement registry and what every refinemen method shares."""
+"""The refinement registry and what every refiner shares."""
 from __future__ import annotations
 
 from lrinfer.registry import Method, Registry

@@ -1,0 +1,97 @@
+"""The `loss` allocator: the greedy against an exhaustive integer optimum, its stated gap, the budget,
+sensitivity moving rank, the output-gradient energies against autograd, and a whole compression."""
+import itertools
+
+import pytest
+import torch
+
+import lrinfer
+from lrinfer.errors import LrinferError
+from lrinfer.offline.allocation.base import achieved_ratio, get_allocator
+from lrinfer.offline.allocation.loss import break_even, greedy_ranks
+from lrinfer.offline.calibration import output_gradient_energy, output_gradient_grams
+from lrinfer.runtime.architecture import LinearInfo
+from ._tiny import tiny_llama
+
+loss_alloc = get_allocator("loss")
+
+
+def _instance(seed, layers=3, chunks=4):
+    g = torch.Generator().manual_seed(seed)
+    gains = {f"l{i}": torch.sort(torch.rand(chunks, generator=g, dtype=torch.float64), descending=True).values
+             for i in range(layers)}
+    cost = {n: int(torch.randint(2, 9, (1,), generator=g)) for n in gains}
+    return gains, cost
+
+
+@pytest.mark.parametrize("seed", range(12))
+def test_greedy_within_its_gap_of_the_exhaustive_optimum(seed):
+    gains, cost = _instance(seed)
+    start = {n: 0 for n in gains}
+    budget = float(torch.randint(5, 60, (1,), generator=torch.Generator().manual_seed(100 + seed)))
+    ranks, gap = greedy_ranks(gains, cost, start, 1, budget)
+    assert sum(ranks[n] * cost[n] for n in ranks) <= budget
+
+    def value(r):
+        return sum(float(gains[n][:r[n]].sum()) for n in r)
+
+    best = max(value(dict(zip(gains, c))) for c in itertools.product(*(range(g.numel() + 1) for g in gains.values()))
+               if sum(k * cost[n] for n, k in zip(gains, c)) <= budget)
+    assert value(ranks) <= best + 1e-12
+    assert best - value(ranks) <= gap + 1e-12            # the stated gap holds
+
+
+def _linears(n_blocks=3):
+    shapes = {"q_proj": (64, 64), "k_proj": (64, 32), "down_proj": (128, 64)}
+    return [LinearInfo(f"model.layers.{b}.{k}", b, k, i, o) for b in range(n_blocks) for k, (i, o) in shapes.items()]
+
+
+def _spectra(lins):
+    return {f.name: torch.exp(-0.15 * torch.arange(min(f.in_features, f.out_features), dtype=torch.float64))
+            for f in lins}
+
+
+@pytest.mark.parametrize("ratio", [0.2, 0.4])
+@pytest.mark.parametrize("multiple", [1, 8])
+def test_budget_and_sensitivity(ratio, multiple):
+    lins = _linears()
+    spectra = _spectra(lins)
+    flat = {f.name: 1.0 for f in lins}
+    ranks = loss_alloc(lins, ratio, multiple, spectra, flat)
+    assert achieved_ratio(lins, ranks) >= ratio - 1e-9
+    assert all(k % multiple == 0 and k >= multiple for k in ranks.values())
+    low = min(lins, key=lambda f: ranks[f.name] / break_even(f.in_features, f.out_features))
+    loud = dict(flat, **{low.name: 100.0})               # errors in the least served linear cost 100× more
+    louder = loss_alloc(lins, ratio, multiple, spectra, loud)
+    assert louder[low.name] > ranks[low.name]
+    assert achieved_ratio(lins, louder) >= ratio - 1e-9
+
+
+def test_refuses_what_it_cannot_use():
+    lins = _linears()
+    with pytest.raises(LrinferError, match="spectra"):
+        loss_alloc(lins, 0.2, 8, None, None)
+    with pytest.raises(LrinferError, match="min_rank"):
+        loss_alloc(lins, 0.9, 8, _spectra(lins), {f.name: 1.0 for f in lins}, min_rank=32)
+
+
+def test_output_gradient_energy_is_the_grams_trace():
+    model = tiny_llama(layers=2, seed=5)
+    ids = torch.randint(0, 128, (3, 16), generator=torch.Generator().manual_seed(2))
+    names = ["model.layers.0.self_attn.q_proj", "model.layers.1.mlp.up_proj"]
+    energy = output_gradient_energy(model, names, ids)
+    grams = output_gradient_grams(model, names, ids)
+    for n in names:
+        want = float(grams[n].double().trace()) / (3 * 15 * model.get_submodule(n).out_features)
+        assert energy[n] == pytest.approx(want, rel=1e-5)
+        assert energy[n] > 0
+
+
+def test_compress_with_loss_allocation(calib_ids):
+    model = tiny_llama(layers=2, seed=0)
+    config = lrinfer.CompressConfig(method="svdllm", ratio=0.3, allocation="loss", batch_size=4, rank_multiple=4)
+    assert config.needs_backward
+    res = lrinfer.compress(model, config, calib_ids, progress=False)
+    ranks = {n: r[0] for n, r in res.ranks.items()}
+    assert achieved_ratio(res.linears, ranks) >= 0.3 - 1e-9
+    assert len(set(ranks.values())) > 1                   # not uniform: the model moved rank
