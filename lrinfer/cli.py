@@ -72,9 +72,9 @@ def build_parser() -> argparse.ArgumentParser:
     c.add_argument("--heldout", type=int, default=8,
                    help="--method auto: held-apart calibration windows that score each recipe (default 8)")
     c.add_argument("--screen", nargs=2, type=int, metavar=("SAMPLES", "KEEP"), default=None,
-                   help="--method auto: proxies on SAMPLES calibration samples, the best KEEP compressed in full "
-                        "(default 4 1; 4 2 costs about one more compression and found the better recipe at 40%%"
-                        " on SmolLM2; 0 0: every candidate in full)")
+                   help="--method auto: proxies on SAMPLES calibration samples, exactly the best KEEP compressed in "
+                        "full (default: 4 samples, the best one plus a second when the two are tied within two "
+                        "standard errors of their paired per-window NLL; 0 0: every candidate in full)")
     c.add_argument("--ratio", type=float, default=d["ratio"],
                    help=f"fraction of the linears' parameters removed, in (0, 1) (default {d['ratio']})")
     c.add_argument("--selection", default=None, choices=sorted(SELECTIONS),
@@ -447,7 +447,7 @@ def _screening(screen):
     if samples < 1 or keep < 1:
         raise LrinferError(f"--screen {samples} {keep}: SAMPLES and KEEP must be >= 1 (or both 0: no screening "
                            "round, every candidate compressed in full)")
-    return Screening(samples, keep)
+    return Screening(samples, keep, keep_max=keep)   # exactly KEEP finalists, ties or not
 
 
 def _compress_or_search(args, model, tok, config, candidates, data_dir, work_dir, progress):

@@ -14,42 +14,46 @@ from lrinfer.runtime.streaming import BlockStreamer, streamer_of
 
 @torch.no_grad()
 def perplexity(model, windows: torch.Tensor, batch_size: int = 4, progress: bool = True,
-               streamer: BlockStreamer | None = None) -> dict:
+               streamer: BlockStreamer | None = None, per_window: bool = False) -> dict:
     """exp(mean NLL) over every predicted token of `windows` [w, T] (T−1 predictions per window).
 
     A model loaded block by block (`load_model(..., stream=True)`) is evaluated block by block;
     `streamer` overrides where its blocks are read from (a written checkpoint's files, for the
-    compressed model). Returns {"ppl", "nll", "tokens", "windows", "seq_len"}.
+    compressed model). Returns {"ppl", "nll", "tokens", "windows", "seq_len"}, and with `per_window`
+    "window_nll": each window's summed NLL (for paired comparisons of two models on the same text).
     """
     streamer = streamer or streamer_of(model)
     if streamer is not None:
-        return _streamed(model, windows, batch_size, progress, streamer)
-    device = next(model.parameters()).device
-    total_nll, total_tokens = 0.0, 0
-    for ids in tqdm(windows.split(batch_size), desc="perplexity", unit="batch", disable=not progress):
-        ids = ids.to(device)
-        nll, n = next_token_nll(model(input_ids=ids, use_cache=False).logits, ids)
-        total_nll, total_tokens = total_nll + nll, total_tokens + n
-    return perplexity_result(total_nll, total_tokens, windows)
+        nll = _streamed(model, windows, batch_size, progress, streamer)
+    else:
+        device = next(model.parameters()).device
+        nll = torch.cat([window_nll(model(input_ids=ids.to(device), use_cache=False).logits, ids.to(device))
+                         for ids in tqdm(windows.split(batch_size), desc="perplexity", unit="batch",
+                                         disable=not progress)])
+    return perplexity_result(nll, windows, per_window)
 
 
-def next_token_nll(logits: torch.Tensor, ids: torch.Tensor) -> tuple[float, int]:
-    """Summed NLL of ids[:, 1:] under logits [b, T, vocab] (float32), and how many tokens that is."""
+def window_nll(logits: torch.Tensor, ids: torch.Tensor) -> torch.Tensor:
+    """Summed NLL of ids[:, 1:] under logits [b, T, vocab] (computed in float32), per window: [b] float64."""
     logits = logits[:, :-1].float()
-    nll = F.cross_entropy(logits.reshape(-1, logits.shape[-1]), ids[:, 1:].reshape(-1), reduction="sum")
-    return float(nll), ids[:, 1:].numel()
+    nll = F.cross_entropy(logits.reshape(-1, logits.shape[-1]), ids[:, 1:].reshape(-1), reduction="none")
+    return nll.view(ids.shape[0], -1).double().sum(1).cpu()
 
 
-def perplexity_result(total_nll: float, total_tokens: int, windows: torch.Tensor) -> dict:
-    """{"ppl", "nll", "tokens", "windows", "seq_len"} from summed NLL over `windows` [n, T]."""
-    mean = total_nll / total_tokens
-    return {"ppl": math.exp(mean) if mean < 700 else float("inf"), "nll": mean, "tokens": total_tokens,
-            "windows": int(windows.shape[0]), "seq_len": int(windows.shape[1])}
+def perplexity_result(nll: torch.Tensor, windows: torch.Tensor, per_window: bool = False) -> dict:
+    """{"ppl", "nll", "tokens", "windows", "seq_len"[, "window_nll"]} from per-window summed NLL [n]."""
+    tokens = windows.shape[0] * (windows.shape[1] - 1)
+    mean = float(nll.sum()) / tokens
+    out = {"ppl": math.exp(mean) if mean < 700 else float("inf"), "nll": mean, "tokens": tokens,
+           "windows": int(windows.shape[0]), "seq_len": int(windows.shape[1])}
+    if per_window:
+        out["window_nll"] = nll.tolist()
+    return out
 
 
 def _streamed(model: nn.Module, windows: torch.Tensor, batch_size: int, progress: bool,
-              streamer: BlockStreamer) -> dict:
-    """Perplexity one decoder block at a time: the hidden states of every window go through block 0,
+              streamer: BlockStreamer) -> torch.Tensor:
+    """Per-window NLL [w] one decoder block at a time: the hidden states of every window go through block 0,
     then block 1, ... (each block loaded once), and the head runs last."""
     blocks = streamer.blocks
     streams = capture_inputs(model, blocks, windows, batch_size, streamer.device)
@@ -58,12 +62,8 @@ def _streamed(model: nn.Module, windows: torch.Tensor, batch_size: int, progress
         block = streamer.load_block(i)
         hidden = run_block(block, hidden, streams.calls[i])
         streamer.release_block(i)
-    total_nll, total_tokens = 0.0, 0
-    for ids, h in zip(windows.split(batch_size), hidden):
-        ids = ids.to(streamer.device)
-        nll, n = next_token_nll(_head_logits(model, blocks, ids, h), ids)
-        total_nll, total_tokens = total_nll + nll, total_tokens + n
-    return perplexity_result(total_nll, total_tokens, windows)
+    return torch.cat([window_nll(_head_logits(model, blocks, ids.to(streamer.device), h), ids.to(streamer.device))
+                      for ids, h in zip(windows.split(batch_size), hidden)])
 
 
 def _head_logits(model: nn.Module, blocks: nn.ModuleList, ids: torch.Tensor, final: torch.Tensor) -> torch.Tensor:

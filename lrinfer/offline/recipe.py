@@ -170,11 +170,34 @@ class Screening:
     `keep` proxies go on to a full compression, which alone decides. `None` in `search`: every
     candidate compressed in full.
 
+    A ranking must not hinge on noise: a further proxy also goes on (up to `keep_max` in all) when it
+    is tied with the best, i.e. its mean per-window NLL excess over the best, paired window by window on
+    the same held-apart text, is below `tie_z` standard errors of that excess.
+
     Defaults, measured on SmolLM2-135M at 20% (docs/results.md, "The cheap search"): proxies on 4
     samples rank the SAES candidates in the same order as on 8 and as the full 32-sample search, at
-    half the cost of 8; one finalist, as the full round is the dearest part (it alone is refined)."""
+    half the cost of 8; one finalist, as the full round is the dearest part (it alone is refined),
+    two when the first two are tied."""
     samples: int = 4
     keep: int = 1
+    tie_z: float = 2.0
+    keep_max: int = 2
+
+    def finalists(self, trials: list[dict]) -> list[dict]:
+        """The screened trials that go on: the best `keep`, then those tied with the best (see above)."""
+        ranked = sorted(trials, key=lambda t: t["heldout_ppl"])
+        out = ranked[:self.keep]
+        best = torch.tensor(ranked[0].get("window_nll", []), dtype=torch.float64)
+        for t in ranked[self.keep:]:
+            if len(out) >= max(self.keep_max, self.keep) or best.numel() < 2:
+                break
+            diff = torch.tensor(t.get("window_nll", []), dtype=torch.float64) - best
+            if diff.numel() != best.numel() or not torch.isfinite(diff).all():
+                break
+            se = float(diff.std() / diff.numel() ** 0.5)
+            if float(diff.mean()) < self.tie_z * se:
+                out.append(t)
+        return out
 
     def proxy(self, c: Recipe, n_calib: int) -> Recipe:
         return replace(c, samples=min(c.samples or n_calib, self.samples), refinement="none", refinement_options={})
@@ -189,8 +212,9 @@ class SearchResult:
     seconds: float = 0.0               # the whole search
 
     def report(self) -> dict:
+        trials = [{k: v for k, v in t.items() if k != "window_nll"} for t in self.trials]
         return {"criterion": self.criterion, "chosen": self.best.to_dict(), "chosen_label": self.best.label,
-                "trials": self.trials, "seconds": round(self.seconds, 1)}
+                "trials": trials, "seconds": round(self.seconds, 1)}
 
 
 def search(dense: nn.Module, base: CompressConfig, calib_ids: torch.Tensor, heldout_ids: torch.Tensor,
@@ -218,8 +242,7 @@ def search(dense: nn.Module, base: CompressConfig, calib_ids: torch.Tensor, held
             screened, _ = _round(dense, base, calib_ids, heldout_ids, [p for p, _ in proxies.values()],
                                  work / "screen" if work else None, resume, progress, "screen")
             trials += screened
-            ranked = sorted(screened, key=lambda t: t["heldout_ppl"])[:screening.keep]
-            finalists = [c for t in ranked for c in proxies[t["label"]][1]]
+            finalists = [c for t in screening.finalists(screened) for c in proxies[t["label"]][1]]
     full, result = _round(dense, base, calib_ids, heldout_ids, finalists, work, resume, progress, "full")
     trials += full
     best = min(full, key=lambda t: t["heldout_ppl"])
@@ -234,7 +257,8 @@ def search(dense: nn.Module, base: CompressConfig, calib_ids: torch.Tensor, held
     if len(full) < len(candidates):
         criterion += (f"; screened first on {min(screening.samples, calib_ids.shape[0])} calibration samples "
                       "without refinement, "
-                      f"the best {screening.keep} compressed in full")
+                      f"the best {screening.keep} (and any tied with the best within {screening.tie_z:g} standard "
+                      f"errors of the paired per-window NLL, up to {screening.keep_max}) compressed in full")
     return SearchResult(winner, result, trials, criterion, time.perf_counter() - t0)
 
 
@@ -267,9 +291,11 @@ def _round(dense, base, calib_ids, heldout_ids, candidates: list[Recipe], work: 
             trials.append({"label": cand.label, "recipe": cand.to_dict(), "round": name,
                            "heldout_ppl": float("inf"), "error": str(e)})
             continue
-        ppl = perplexity(model, heldout_ids, progress=progress)["ppl"]
+        scored = perplexity(model, heldout_ids, progress=progress, per_window=True)
+        ppl = scored["ppl"]
         trial = {"label": cand.label, "recipe": cand.to_dict(), "round": name, "heldout_ppl": ppl,
-                 "hidden_error": result.hidden_error[-1], "seconds": round(time.perf_counter() - t0, 1)}
+                 "hidden_error": result.hidden_error[-1], "seconds": round(time.perf_counter() - t0, 1),
+                 "window_nll": [round(x, 4) for x in scored["window_nll"]]}
         if refined := summarize_refinement(result.refinement.values()):   # what refining did, and cost
             trial["refinement"] = {k: round(v, 5) for k, v in refined.items()}
         trials.append(trial)
