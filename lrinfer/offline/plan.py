@@ -41,6 +41,9 @@ from pathlib import Path
 import torch
 
 from lrinfer.errors import LrinferError
+from lrinfer.evaluation.perplexity import PerplexityConfig
+
+from .config import CompressConfig
 
 GiB = 1 << 30
 RUNTIME_HOST = int(0.45 * GiB)        # Python + torch + transformers + lrinfer, measured (bench/compress_memory.py)
@@ -183,10 +186,12 @@ def _solve_bytes(needs: frozenset, method: str, i: int, o: int) -> int:
     return (2 * i * o + 3 * small * small) * 8
 
 
-def estimate(config, *, n_samples: int = 32, seq_len: int = 512, batch_size: int = 8, dtype="float32",
-             method: str = "svdllm", ratio: float = 0.2, device: str = "cpu", streaming: bool = True,
+def estimate(config, *, n_samples: int = CompressConfig.n_samples, seq_len: int = CompressConfig.seq_len,
+             batch_size: int = CompressConfig.batch_size, dtype="float32", method: str = CompressConfig.method,
+             ratio: float = CompressConfig.ratio, device: str = "cpu", streaming: bool = True,
              streams: str = "auto", device_free: int | None = None, host_free: int | None = None,
-             eval_windows: int = 0, eval_seq_len: int = 512, eval_batch_size: int = 4) -> MemoryPlan:
+             eval_windows: int = 0, eval_seq_len: int = PerplexityConfig.seq_len,
+             eval_batch_size: int = PerplexityConfig.batch_size) -> MemoryPlan:
     """The memory plan of compressing a model of `config` (a transformers config or a config.json dict).
 
     device_free / host_free: bytes available (None: not checked). streams: "auto" (on the device when
