@@ -104,7 +104,8 @@ def _add_compress(sub) -> None:
     from lrinfer.offline.refinement.base import REFINERS
     from lrinfer.offline.selection.base import SELECTIONS
     from lrinfer.offline.solvers.base import SOLVERS
-    from lrinfer.pipeline import STREAMS, CompressJob, SearchOptions
+    from lrinfer.offline.plan import STREAMS
+    from lrinfer.pipeline import CompressJob, SearchOptions
 
     d, job, search = field_defaults(CompressConfig), CompressJob(), SearchOptions()
     c = sub.add_parser("compress", help="compress a model and write a checkpoint directory")
@@ -242,7 +243,8 @@ def _add_plan(sub) -> None:
     """`lrinfer plan`: the memory plan of a compression from a config alone (lrinfer/offline/plan.py);
     the compression's defaults are `compress`'s."""
     from lrinfer.offline.config import CompressConfig
-    from lrinfer.pipeline import STREAMS, CompressJob
+    from lrinfer.offline.plan import STREAMS
+    from lrinfer.pipeline import CompressJob
 
     d, job = field_defaults(CompressConfig), CompressJob()
     p = sub.add_parser("plan", help="peak device/host memory and resume disk of a compression, from a config")

@@ -3,8 +3,9 @@ weight is read when the device cannot hold it), loads the model whole or one dec
 compresses it (or first searches recipes, `SearchOptions`), measures perplexity of the dense and the
 compressed model, writes the checkpoint and its `report.json`, and removes the work directory.
 
+    from lrinfer import CompressConfig
     from lrinfer.pipeline import CompressJob, run
-    result = run(CompressJob(model="path/to/hf-dir", out="out/s20", config=lrinfer.CompressConfig(ratio=0.2)))
+    result = run(CompressJob(model="path/to/hf-dir", out="out/s20", config=CompressConfig(ratio=0.2)))
     result.path, result.report["ppl"]["ppl"]
 
 The CLI (`lrinfer compress`) maps its flags onto `CompressJob` and prints; its defaults are these.
@@ -26,7 +27,7 @@ from lrinfer.evaluation.perplexity import PerplexityConfig, perplexity
 from lrinfer.offline.calibration_data import NEEDS_MODEL, calibration_batch, calibration_split, resolve_calib
 from lrinfer.offline.compress import CompressionResult, compress
 from lrinfer.offline.config import CompressConfig
-from lrinfer.offline.plan import MemoryPlan, compress_plan, peak_rss
+from lrinfer.offline.plan import MemoryPlan, check_streams, compress_plan, peak_rss
 from lrinfer.offline.recipe import Recipe, Screening, SearchResult, apply_result, check_candidates, search
 from lrinfer.offline.report import compression_report, dir_bytes, unique_params
 from lrinfer.offline.resume import WorkDir
@@ -37,8 +38,6 @@ from lrinfer.runtime.models import DEFAULT_MODEL, load_dtype, load_model, resolv
 from lrinfer.runtime.streaming import as_written, block_source, save_compressed
 
 log = logging.getLogger(__name__)
-
-STREAMS = ("auto", "device", "host")
 
 
 @dataclass
@@ -111,10 +110,10 @@ def run(job: CompressJob, show_plan: Callable[[MemoryPlan], None] | None = None)
     """Compress `job.model` and write the checkpoint `job.out_dir()` with its report.json.
     show_plan(plan) receives the memory plan before any weight is read (default: logged)."""
     show_plan = show_plan or (lambda plan: log.info("%s", "\n".join(plan.lines())))
-    if job.streams not in STREAMS:
-        raise LrinferError(f"streams must be one of {', '.join(STREAMS)}; got {job.streams!r}")
+    check_streams(job.streams)
     out, ev = job.out_dir(), job.evaluation
-    candidates = _candidates(job)                            # checked before the model loads
+    out_dtype = torch_dtype(job.dtype) if job.dtype is not None else None   # checked before the model loads
+    candidates = _candidates(job)
     model, tok, source, plan = _plan_and_load(job, show_plan)
     blocks = block_source(model)
     config = replace(job.config, calib=resolve_calib(job.config.calib, tok, can_generate=not blocks.streamed))
@@ -128,7 +127,7 @@ def run(job: CompressJob, show_plan: Callable[[MemoryPlan], None] | None = None)
     with collect_fallbacks() as fallbacks:
         used, result, calib_desc, found = _compress_or_search(job, model, tok, config, candidates, data_dir,
                                                               work_dir, plan.streams_on)
-    out_dtype = torch_dtype(job.dtype) if job.dtype is not None else save_dtype(model, source)
+    out_dtype = out_dtype or save_dtype(model, source)
     report = compression_report(used, result, source, dense_params, unique_params(model), calib_desc)
     report["calibration"]["requested"] = job.config.calib
     report.update(fallbacks=fallbacks, dtype=str(out_dtype).removeprefix("torch."), memory_plan=plan.to_dict(),
@@ -176,6 +175,9 @@ def _candidates(job: CompressJob) -> list[Recipe] | None:
     """The search's candidate recipes, checked against the base config (None: the default set)."""
     if job.search is None:
         return None
+    if job.search.heldout < 1:
+        raise LrinferError(f"the recipe search scores recipes on held-apart windows: heldout must be >= 1 "
+                           f"(--heldout); got {job.search.heldout}")
     candidates = job.search.recipes()
     if candidates is not None:
         check_candidates(candidates, job.config, job.config.n_samples)

@@ -81,6 +81,23 @@ def test_pipeline_run_writes_what_the_cli_writes(tiny_dir, tmp_path, capsys):
         assert whole[key]["ppl"] == pytest.approx(cli[key]["ppl"], rel=1e-5)
 
 
+@pytest.mark.parametrize("change, message", [
+    ({"streams": "gpu"}, "streams must be one of auto, device, host"),
+    ({"dtype": "int8"}, "unknown dtype 'int8'"),
+    ({"compute_dtype": "float64x"}, "unknown dtype 'float64x'"),
+    ({"search": "heldout=0"}, "heldout must be >= 1"),
+    ({"search": "candidates=nosuch"}, "nosuch"),
+])
+def test_pipeline_refuses_a_bad_job_before_loading(change, message):
+    """One line naming the problem, before the (here missing) model is looked for."""
+    from lrinfer.pipeline import CompressJob, SearchOptions, run
+    if "search" in change:
+        key, _, value = change.pop("search").partition("=")
+        change["search"] = SearchOptions(**{key: int(value) if key == "heldout" else [value]})
+    with pytest.raises(lrinfer.LrinferError, match=message):
+        run(CompressJob(model="/no/such/model", **change))
+
+
 def test_cli_defaults_are_the_dataclasses():
     """The flags' defaults are read from the dataclasses, so they cannot drift: no flags give the
     default job, and `plan`'s and `eval`'s defaults are the same fields'."""

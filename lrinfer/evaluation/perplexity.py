@@ -10,6 +10,7 @@ from torch import nn
 from tqdm.auto import tqdm
 
 import lrinfer.data as text_data
+from lrinfer.errors import LrinferError
 from lrinfer.runtime.blocks import capture_inputs, run_block
 from lrinfer.runtime.streaming import BlockStreamer, streamer_of
 
@@ -23,6 +24,11 @@ class PerplexityConfig:
     seq_len: int = 512
     windows: int = 16
     batch_size: int = 4
+
+    def __post_init__(self):
+        for name, least in (("seq_len", 2), ("windows", 0), ("batch_size", 1)):
+            if int(getattr(self, name)) < least:
+                raise LrinferError(f"perplexity {name} must be >= {least}; got {getattr(self, name)}")
 
     def token_windows(self, tokenizer, data_dir=None) -> tuple[torch.Tensor, str]:
         """The windows [w, seq_len] of token ids (`data` read from `data_dir`, see

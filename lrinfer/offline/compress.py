@@ -25,6 +25,7 @@ from lrinfer.runtime.streaming import BlockStreamer, InMemoryBlocks, block_sourc
 
 from .calibration import collect_stats, fisher_information, linear_stages, output_gradient_grams, swapped_in
 from .config import CompressConfig
+from .plan import available_memory, check_streams, estimate
 from .resume import WorkDir, fingerprint
 
 log = logging.getLogger(__name__)
@@ -83,13 +84,11 @@ def _streams_device(model, config, device: torch.device, streams: str, streaming
     """Where the activation streams live: the compute device, or the host when asked or (streams="auto")
     when the memory plan does not fit them on the device."""
     host = torch.device("cpu")
-    if streams not in ("auto", "device", "host"):
-        raise LrinferError(f"streams must be auto, device or host; got {streams!r}")
+    check_streams(streams)
     if device.type == "cpu" or streams == "device":
         return device
     if streams == "host":
         return host
-    from .plan import available_memory, estimate
     free, _ = available_memory(device)
     if free is None:
         return device

@@ -49,6 +49,12 @@ GiB = 1 << 30
 RUNTIME_HOST = int(0.45 * GiB)        # Python + torch + transformers + lrinfer, measured (bench/compress_memory.py)
 CUDA_CONTEXT_HOST = int(0.5 * GiB)
 STAT_COUNT = {"gram": 1, "gram_hat": 1, "cross": 1}
+STREAMS = ("auto", "device", "host")   # where the activation streams may live ("auto": the plan decides)
+
+
+def check_streams(streams: str) -> None:
+    if streams not in STREAMS:
+        raise LrinferError(f"streams must be one of {', '.join(STREAMS)}; got {streams!r}")
 
 
 def _gib(n: float | int | None) -> str:
@@ -199,8 +205,7 @@ def estimate(config, *, n_samples: int = CompressConfig.n_samples, seq_len: int 
     peak: the float32 logits of one batch, their shifted copy and log-softmax, 3 × B·T·vocab·4, and, streamed,
     the hidden states of every window). Nothing is loaded."""
     from lrinfer.offline.solvers.base import get_solver
-    if streams not in ("auto", "device", "host"):
-        raise LrinferError(f"streams must be auto, device or host; got {streams!r}")
+    check_streams(streams)
     s = Shape.of(config)
     D = _itemsize(dtype)
     dtype_name = str(dtype).removeprefix("torch.")
