@@ -34,6 +34,7 @@ import torch
 import lrinfer
 from lrinfer.offline.allocation.base import achieved_ratio
 from lrinfer.offline.recipe import Recipe
+from lrinfer.evaluation.perplexity import PerplexityConfig
 from lrinfer.evaluation.zeroshot import evaluate_tasks
 
 DEFAULT_METHODS = ["dense", "svd", "fwsvd", "asvd", "svdllm", "ressvd", "saes", "svdllm+drank", "saes+drank"]
@@ -124,9 +125,9 @@ def main(argv=None) -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--ratios", type=float, nargs="+", default=[0.2, 0.4])
     ap.add_argument("--methods", nargs="+", default=DEFAULT_METHODS)
-    ap.add_argument("--n-samples", type=int, default=32)
-    ap.add_argument("--seq-len", type=int, default=512)
-    ap.add_argument("--windows", type=int, default=16)
+    ap.add_argument("--n-samples", type=int, default=lrinfer.CompressConfig.n_samples)
+    ap.add_argument("--seq-len", type=int, default=lrinfer.CompressConfig.seq_len)
+    ap.add_argument("--windows", type=int, default=PerplexityConfig.windows)
     ap.add_argument("--tasks", nargs="*", default=[], help="lm-eval zero-shot tasks (e.g. piqa), full split")
     ap.add_argument("--task-methods", nargs="+", default=None,
                     help="methods that also get --tasks (default: all)")

@@ -30,6 +30,7 @@ from lrinfer.offline.calibration_data import calibration_split
 from lrinfer.factors import unflatten_factors
 from lrinfer.offline.recipe import Recipe, Screening, apply_result, default_candidates, search
 from lrinfer.evaluation.zeroshot import evaluate_tasks
+from lrinfer.pipeline import SearchOptions
 
 from methods_table import OUT, locked, model_name, start
 
@@ -95,11 +96,11 @@ def time_reference(args, command, dense, tok, data_dir) -> None:
 
 def main(argv=None) -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--ratio", type=float, default=0.2)
-    ap.add_argument("--candidates", nargs="+", default=None)
-    ap.add_argument("--samples", type=int, default=32)
-    ap.add_argument("--seq-len", type=int, default=512)
-    ap.add_argument("--heldout", type=int, default=8)
+    ap.add_argument("--ratio", type=float, default=lrinfer.CompressConfig.ratio)
+    ap.add_argument("--candidates", nargs="+", default=SearchOptions.candidates)
+    ap.add_argument("--samples", type=int, default=lrinfer.CompressConfig.n_samples)
+    ap.add_argument("--seq-len", type=int, default=lrinfer.CompressConfig.seq_len)
+    ap.add_argument("--heldout", type=int, default=SearchOptions.heldout)
     ap.add_argument("--windows", type=int, default=64)
     ap.add_argument("--tasks", nargs="*", default=[])
     ap.add_argument("--model", default=None, help="any model lrinfer.load_model takes (default: SmolLM2-135M)")

@@ -14,7 +14,8 @@ from lrinfer.errors import CheckpointError, LrinferError
 from lrinfer.evaluation.perplexity import perplexity
 from lrinfer.factors import FactorPair, rank_for_ratio
 from lrinfer.offline.calibration_data import calibration_batch
-from lrinfer.offline.compress import CompressConfig, CompressionResult, compress
+from lrinfer.offline.compress import CompressionResult, compress
+from lrinfer.offline.config import CompressConfig
 from lrinfer.offline.recipe import Recipe, Screening, apply_result, default_candidates
 from lrinfer.offline.recipe import search as search_recipes
 from lrinfer.runtime import hf  # noqa: F401  (registers quant_method "lrinfer" with transformers)

@@ -41,7 +41,7 @@ def add_parser(sub) -> None:
 
 
 def _rank(args) -> int:
-    from lrinfer.offline.compress import CompressConfig
+    from lrinfer.offline.config import CompressConfig
     from .factors import rank_for_ratio
 
     if (args.ratio is None) == (args.rank is None):

@@ -1,5 +1,6 @@
 """The CLI contract on a tiny model saved as a Hugging Face directory."""
 import json
+from dataclasses import replace
 
 import pytest
 
@@ -50,6 +51,72 @@ def test_compress_eval_info(tiny_dir, tmp_path, capsys):
     assert info["compressed_linears"] == 14 and info["bytes_on_disk"] > 0
 
 
+def test_pipeline_run_writes_what_the_cli_writes(tiny_dir, tmp_path, capsys):
+    """`lrinfer.pipeline.run` from Python, on the job the CLI flags of `_compress` describe: the same
+    checkpoint (ranks, report keys, perplexities), and the report it returns is the one it wrote.
+    Then the same job with the model loaded whole instead of block by block: the same numbers."""
+    from lrinfer.evaluation.perplexity import PerplexityConfig
+    from lrinfer.pipeline import CompressJob, run
+    assert _compress(tiny_dir, tmp_path / "cli") == 0
+    capsys.readouterr()
+    cli = json.loads((tmp_path / "cli" / "report.json").read_text())
+    text = str(tiny_dir / "text.txt")
+    job = CompressJob(model=str(tiny_dir / "model"), out=tmp_path / "py", progress=False,
+                      config=lrinfer.CompressConfig(method="svdllm", ratio=0.3, calib=text, n_samples=4, seq_len=32,
+                                                    rank_multiple=1),
+                      evaluation=PerplexityConfig(data=text, seq_len=32, windows=3))
+    result = run(job)
+    assert result.path == tmp_path / "py"
+    assert result.report == json.loads((result.path / "report.json").read_text())
+    assert result.report.keys() == cli.keys() and result.report["ranks"] == cli["ranks"]
+    assert result.report["streamed"] and cli["streamed"]
+    for key in ("ppl", "ppl_dense"):
+        assert result.report[key]["ppl"] == cli[key]["ppl"]
+    assert (result.path / "model.safetensors").read_bytes() == (tmp_path / "cli" / "model.safetensors").read_bytes()
+    assert not (tmp_path / ".py.work").exists()
+
+    whole = run(replace(job, out=tmp_path / "whole", stream=False)).report
+    assert not whole["streamed"] and whole["ranks"] == cli["ranks"]
+    for key in ("ppl", "ppl_dense"):
+        assert whole[key]["ppl"] == pytest.approx(cli[key]["ppl"], rel=1e-5)
+
+
+@pytest.mark.parametrize("change, message", [
+    ({"streams": "gpu"}, "streams must be one of auto, device, host"),
+    ({"dtype": "int8"}, "unknown dtype 'int8'"),
+    ({"compute_dtype": "float64x"}, "unknown dtype 'float64x'"),
+    ({"search": "heldout=0"}, "heldout must be >= 1"),
+    ({"search": "candidates=nosuch"}, "nosuch"),
+])
+def test_pipeline_refuses_a_bad_job_before_loading(change, message):
+    """One line naming the problem, before the (here missing) model is looked for."""
+    from lrinfer.pipeline import CompressJob, SearchOptions, run
+    if "search" in change:
+        key, _, value = change.pop("search").partition("=")
+        change["search"] = SearchOptions(**{key: int(value) if key == "heldout" else [value]})
+    with pytest.raises(lrinfer.LrinferError, match=message):
+        run(CompressJob(model="/no/such/model", **change))
+
+
+def test_cli_defaults_are_the_dataclasses():
+    """The flags' defaults are read from the dataclasses, so they cannot drift: no flags give the
+    default job, and `plan`'s and `eval`'s defaults are the same fields'."""
+    from lrinfer.cli import build_parser, compress_job, field_defaults
+    from lrinfer.evaluation.perplexity import PerplexityConfig
+    from lrinfer.offline.config import CompressConfig
+    from lrinfer.pipeline import CompressJob, SearchOptions
+    parser = build_parser()
+    assert compress_job(parser.parse_args(["compress"])) == CompressJob()
+    assert compress_job(parser.parse_args(["compress", "--method", "auto"])).search == SearchOptions()
+    d = field_defaults(CompressConfig)
+    plan = parser.parse_args(["plan", "--config", "config.json"])
+    assert (plan.method, plan.ratio, plan.samples, plan.calib_seq_len, plan.batch_size, plan.streams) == (
+        d["method"], d["ratio"], d["n_samples"], d["seq_len"], d["batch_size"], CompressJob().streams)
+    evaluated = parser.parse_args(["eval", "DIR"])
+    assert PerplexityConfig(evaluated.data, evaluated.seq_len, evaluated.windows, evaluated.eval_batch_size) \
+        == PerplexityConfig()
+
+
 def test_checkpoint_is_16_bit_by_default(tiny_dir, tmp_path, capsys):
     from safetensors import safe_open
     sizes = {}
@@ -80,8 +147,8 @@ def test_16_bit_source_keeps_its_dtype_and_cpu_computes_in_float32(tiny_dir, tmp
     assert json.loads((out / "config.json").read_text())["dtype"] == "float16"
     capsys.readouterr()
     import lrinfer
-    from lrinfer.cli import _compute_dtype
-    model, _, _ = lrinfer.load_model(str(out), _compute_dtype(None, "cpu"), "cpu")
+    from lrinfer.runtime.models import load_dtype
+    model, _, _ = lrinfer.load_model(str(out), load_dtype(None, "cpu"), "cpu")
     assert {p.dtype for p in model.parameters()} == {torch.float32}
 
 

@@ -25,6 +25,7 @@ import glob
 import importlib.util
 import io
 import itertools
+import json
 import re
 import shlex
 import sys
@@ -411,3 +412,24 @@ def test_the_checker_refuses_wrong_lines(text, expect):
     args = _commands(Snippet(REPO / "README.md", 1, text, "shell"))[0][1:]
     errors = [_parse_error(lambda: _lrinfer_parser().parse_args(argv)) for argv in _variants(args)]
     assert any(e and expect in e for e in errors), errors
+
+
+def test_usage_pipeline_snippet_runs(tmp_path, tiny_hf_dir, monkeypatch):
+    """docs/usage.md, "Python: the whole pipeline": the snippet runs as written, with a tiny model in place
+    of its model path, a temporary directory in place of its output, and a short text as WikiText-2."""
+    section = (REPO / "docs" / "usage.md").read_text().split("### Python: the whole pipeline", 1)[1]
+    code = re.search(r"```python\n(.*?)```", section, re.S).group(1)
+    assert '"path/to/hf-model"' in code and '"out/my-model"' in code
+    text = "The quick brown fox jumps over the lazy dog. Pack my box with five dozen liquor jugs. " * 150
+    root = tiny_hf_dir(tmp_path, text, layers=1, hidden=32, intermediate=64)
+    for name in ("wikitext-2/valid.txt", "wikitext-2-raw/wiki.test.raw"):
+        (tmp_path / "data" / name).parent.mkdir(parents=True, exist_ok=True)
+        (tmp_path / "data" / name).write_text(text)
+    monkeypatch.setenv("LRINFER_DATA_DIR", str(tmp_path / "data"))
+    code = code.replace('"path/to/hf-model"', repr(str(root / "model"))).replace('"out/my-model"',
+                                                                              repr(str(tmp_path / "out")))
+    with contextlib.redirect_stdout(io.StringIO()) as printed:
+        exec(compile(code, "docs/usage.md", "exec"), {})
+    assert printed.getvalue().startswith(str(tmp_path / "out"))
+    report = json.loads((tmp_path / "out" / "report.json").read_text())
+    assert report["ppl"]["data"].endswith("wiki.test.raw") and report["calibration"]["n_samples"] == 32

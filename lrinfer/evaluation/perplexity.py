@@ -2,18 +2,50 @@
 from __future__ import annotations
 
 import math
+from dataclasses import dataclass
 
 import torch
 import torch.nn.functional as F
 from torch import nn
 from tqdm.auto import tqdm
 
+import lrinfer.data as text_data
+from lrinfer.errors import LrinferError
 from lrinfer.runtime.blocks import capture_inputs, run_block
 from lrinfer.runtime.streaming import BlockStreamer, streamer_of
 
 
+@dataclass(frozen=True)
+class PerplexityConfig:
+    """What perplexity is measured on: `data` (wikitext2: its raw test split; or a .txt/.jsonl file),
+    `windows` non-overlapping windows of `seq_len` tokens from its start (0: every window), run
+    `batch_size` windows at a time. The defaults are `lrinfer eval`'s and `lrinfer compress`'s."""
+    data: str = "wikitext2"
+    seq_len: int = 512
+    windows: int = 16
+    batch_size: int = 4
+
+    def __post_init__(self):
+        for name, least in (("seq_len", 2), ("windows", 0), ("batch_size", 1)):
+            if int(getattr(self, name)) < least:
+                raise LrinferError(f"perplexity {name} must be >= {least}; got {getattr(self, name)}")
+
+    def token_windows(self, tokenizer, data_dir=None) -> tuple[torch.Tensor, str]:
+        """The windows [w, seq_len] of token ids (`data` read from `data_dir`, see
+        `lrinfer.data.resolve_data_dir`) and a description of the text."""
+        return text_data.eval_windows(tokenizer, self.data, self.seq_len, self.windows or None, data_dir)
+
+
+def text_perplexity(model, tokenizer, config: PerplexityConfig = PerplexityConfig(), data_dir=None,
+                    progress: bool = True, streamer: BlockStreamer | None = None) -> dict:
+    """`perplexity` of `model` on the windows `config` names. Returns {"ppl", "nll", "tokens", "windows",
+    "seq_len", "data"}."""
+    windows, desc = config.token_windows(tokenizer, data_dir)
+    return {**perplexity(model, windows, config.batch_size, progress, streamer), "data": desc}
+
+
 @torch.no_grad()
-def perplexity(model, windows: torch.Tensor, batch_size: int = 4, progress: bool = True,
+def perplexity(model, windows: torch.Tensor, batch_size: int = PerplexityConfig.batch_size, progress: bool = True,
                streamer: BlockStreamer | None = None, per_window: bool = False) -> dict:
     """exp(mean NLL) over every predicted token of `windows` [w, T] (T−1 predictions per window).
 

@@ -4,89 +4,32 @@ from __future__ import annotations
 import logging
 import tempfile
 import time
-from dataclasses import asdict, dataclass, field, fields
+from dataclasses import dataclass, field
 
 import torch
 from torch import nn
 from tqdm.auto import tqdm
 
-from lrinfer.offline.allocation.base import get_allocator
-from lrinfer.runtime.blocks import to_device, capture_inputs, run_block
-from .calibration import (collect_stats, fisher_information, linear_stages, output_gradient_energy,
-                          output_gradient_grams, swapped_in)
-from lrinfer.runtime.checkpoint import CheckpointSpec, skeleton
 from lrinfer.errors import LrinferError
-from lrinfer.factors import FactorPair, check_ratio
-from lrinfer.runtime.kernels.configs import RANK_ALIGN
-from lrinfer.runtime.architecture import check_architecture, compressible_linears, decoder_blocks
-from lrinfer.runtime.nn import LowRankLinear, replace_module
+from lrinfer.factors import FactorPair
+from lrinfer.offline.allocation.base import get_allocator
 from lrinfer.offline.refinement.base import get_refiner
-from .resume import WorkDir, fingerprint
 from lrinfer.offline.selection.base import get_selection
 from lrinfer.offline.solvers.base import get_solver
 from lrinfer.offline.solvers.linalg import factor_gram, singular_values
-from lrinfer.runtime.streaming import streamer_of
+from lrinfer.runtime.architecture import check_architecture, compressible_linears
+from lrinfer.runtime.blocks import capture_inputs, run_block, to_device
+from lrinfer.runtime.checkpoint import CheckpointSpec, skeleton
+from lrinfer.runtime.nn import LowRankLinear, replace_module
+from lrinfer.runtime.streaming import BlockStreamer, InMemoryBlocks, block_source
+
+from .calibration import (collect_stats, fisher_information, linear_stages, output_gradient_energy,
+                          output_gradient_grams, swapped_in)
+from .config import CompressConfig
+from .plan import available_memory, check_streams, estimate
+from .resume import WorkDir, fingerprint
 
 log = logging.getLogger(__name__)
-
-CONFIG_VERSION = 1
-
-
-@dataclass
-class CompressConfig:
-    """Everything that decides a compression. Defaults are the CLI's defaults.
-
-    method: solver name (svd, svdllm, ...); ratio: fraction of the compressible linears'
-    parameters removed, in (0, 1); selection / allocation: which linears, and how the budget is
-    spread; rank_multiple: ranks are rounded to its nearest multiple (16: rows the kernels load 16 bytes
-    at a time; other ranks are zero-padded at load, see `LowRankLinear`); modules: restrict
-    to these linear names (e.g. ["q_proj", "down_proj"]); calibration: source, samples, length, seed.
-    """
-    method: str = "svdllm"
-    ratio: float = 0.2
-    selection: str | None = None        # None: the method's own default (e.g. ResSVD's last layers)
-    allocation: str = "uniform"
-    rank_multiple: int = RANK_ALIGN     # 16: ranks the kernels load with 16-byte rows
-    modules: list[str] | None = None
-    calib: str = "auto"                 # auto: chat-format text for a model with a chat template (data.resolve_calib)
-    n_samples: int = 32
-    seq_len: int = 512
-    seed: int = 0
-    batch_size: int = 8
-    method_options: dict = field(default_factory=dict)
-    selection_options: dict = field(default_factory=dict)
-    allocation_options: dict = field(default_factory=dict)
-    refinement: str = "none"            # after each block is solved (lrinfer/offline/refinement/)
-    refinement_options: dict = field(default_factory=dict)
-    version: int = CONFIG_VERSION
-
-    def __post_init__(self):
-        check_ratio(self.ratio)
-        solver = get_solver(self.method)
-        self.selection = self.selection or solver.selection
-        for what, method, opts in (("solver", solver, self.method_options),
-                                   ("selection", get_selection(self.selection), self.selection_options),
-                                   ("allocation", get_allocator(self.allocation), self.allocation_options),
-                                   ("refinement", get_refiner(self.refinement), self.refinement_options)):
-            method.check(opts, f"{what} '{method.name}'")
-        from .calibration_data import check_calib_source
-        check_calib_source(self.calib)
-        for name in ("rank_multiple", "n_samples", "seq_len", "batch_size"):
-            if int(getattr(self, name)) < 1:
-                raise LrinferError(f"{name} must be >= 1; got {getattr(self, name)}")
-
-    @property
-    def needs_backward(self) -> bool:
-        """The solver or the allocation back-propagates through the whole model: it cannot stream."""
-        return get_solver(self.method).needs_backward or get_allocator(self.allocation).needs_sensitivity
-
-    def to_dict(self) -> dict:
-        return asdict(self)
-
-    @classmethod
-    def from_dict(cls, d: dict) -> "CompressConfig":
-        known = {f.name for f in fields(cls)}
-        return cls(**{k: v for k, v in d.items() if k in known})
 
 
 @dataclass
@@ -113,16 +56,16 @@ def _check_weight(name: str, W: torch.Tensor) -> None:
 
 
 @torch.no_grad()
-def _spectra(model, blocks, streams, linears, prefix, progress, streamer=None, device=None
+def _spectra(source: BlockStreamer | InMemoryBlocks, streams, linears, progress: bool, device: torch.device
              ) -> dict[str, torch.Tensor]:
     """Singular values of W·L (L Lᵀ = XᵀX, dense inputs) for every linear: a dense pass for allocators."""
     out = {}
     by_block: dict[int, list] = {}
     for f in linears:
         by_block.setdefault(f.block, []).append(f)
-    for i in tqdm(range(len(blocks)), desc="spectra", unit="block", disable=not progress):
-        block = streamer.load_block(i) if streamer else blocks[i]
-        rel = {f.name[len(f"{prefix}.{i}."):]: f.name for f in by_block.get(i, [])}
+    for i in tqdm(range(len(source.blocks)), desc="spectra", unit="block", disable=not progress):
+        block = source.load_block(i)
+        rel = {f.name[len(f"{source.prefix}.{i}."):]: f.name for f in by_block.get(i, [])}
         if rel:
             stats, dense_out = collect_stats(block, list(rel), frozenset({"gram"}), streams, streams.calls[i],
                                              {}, rel, device=device)
@@ -134,8 +77,7 @@ def _spectra(model, blocks, streams, linears, prefix, progress, streamer=None, d
         else:
             dense_out = run_block(block, streams.dense, streams.calls[i], device)
         streams.dense = dense_out
-        if streamer:
-            streamer.release_block(i)
+        source.release_block(i)
     return out
 
 
@@ -143,13 +85,11 @@ def _streams_device(model, config, device: torch.device, streams: str, streaming
     """Where the activation streams live: the compute device, or the host when asked or (streams="auto")
     when the memory plan does not fit them on the device."""
     host = torch.device("cpu")
-    if streams not in ("auto", "device", "host"):
-        raise LrinferError(f"streams must be auto, device or host; got {streams!r}")
+    check_streams(streams)
     if device.type == "cpu" or streams == "device":
         return device
     if streams == "host":
         return host
-    from .plan import available_memory, estimate
     free, _ = available_memory(device)
     if free is None:
         return device
@@ -168,43 +108,40 @@ def compress(model: nn.Module, config: CompressConfig, calib_ids: torch.Tensor, 
     """Compress `model` in place: every selected `nn.Linear` becomes a `LowRankLinear`.
 
     calib_ids [n_samples, seq_len] token ids. Blocks run one at a time where the model's weights are
-    (a streamed model: on `device`, default its loader's). With `work_dir`, progress is saved after every block; `resume=True`
-    continues from it (the model must be the same dense model), giving the same result, bit for bit,
-    as one run. streams: where the two activation streams live, "device", "host", or "auto" (on the
-    device when the memory plan fits them there, else on the host).
+    (`device`, when given, must be that place). With `work_dir`, progress is saved after every block;
+    `resume=True` continues from it (the model must be the same dense model), giving the same result,
+    bit for bit, as one run. streams: where the two activation streams live, "device", "host", or
+    "auto" (on the device when the memory plan fits them there, else on the host).
 
-    A model from `streaming.load_streamed` (weights on meta) is compressed block by block: each
-    block's weights are read from the shards when it is reached and freed once its factors are in
-    `work_dir` (a temporary directory when None; `result.work_dir`). Its `LowRankLinear`s stay on
-    meta and `result.factors` is empty: write the checkpoint with `streaming.save_streamed_checkpoint`.
+    The blocks come from `streaming.block_source(model)`. A model from `streaming.load_streamed` (weights
+    on meta) has each block's weights read from the shards when it is reached and freed once its factors
+    are in `work_dir` (a temporary directory when None; `result.work_dir`): its `LowRankLinear`s stay on
+    meta and `result.factors` is empty. Either way, `streaming.save_compressed` writes the checkpoint.
     """
     t0 = time.perf_counter()
     check_architecture(model)
     solver = get_solver(config.method)
-    prefix, blocks = decoder_blocks(model)
+    source = block_source(model)
     linears = compressible_linears(model, config.modules)
-    streamer = streamer_of(model)
-    if streamer is not None and config.needs_backward:
+    if source.streamed and config.needs_backward:
         raise LrinferError(f"{config.method} / {config.allocation} back-propagates through the whole model (gradient "
                            "statistics), so it cannot stream one block at a time; load the model whole "
                            "(lrinfer compress --no-stream, or load_model(..., stream=False))")
-    if streamer is None:        # an in-memory model runs where its weights are
-        weights_on = next(model.parameters()).device
-        asked = torch.device(device) if device is not None else weights_on
-        if asked.type != weights_on.type or asked.index not in (None, weights_on.index):
-            raise LrinferError(f"compress: the model's weights are on {weights_on}, not {device}; move the model "
-                               "(device= places the blocks of a streamed model)")
-        device = weights_on
-    device = torch.device(device if device is not None else streamer.device)
-    stream_device = _streams_device(model, config, device, streams, streamer is not None)
-    if streamer is not None and work_dir is None:
+    asked = torch.device(device) if device is not None else source.device
+    if asked.type != source.device.type or None not in (asked.index, source.device.index) \
+            and asked.index != source.device.index:
+        raise LrinferError(f"compress: the model's blocks run on {source.device}, not {device}; move the model "
+                           "there (or load it there), or leave device unset")
+    device = source.device
+    stream_device = _streams_device(model, config, device, streams, source.streamed)
+    if source.streamed and work_dir is None:     # its factors go to disk, never to memory
         work_dir = tempfile.mkdtemp(prefix="lrinfer-work-")
     if device.type == "cuda":
         torch.cuda.reset_peak_memory_stats(device)
     was_training = model.training
     model.eval()
     work = WorkDir(work_dir, fingerprint(config.to_dict(), calib_ids, linears)) if work_dir else None
-    saved = work.load(factors=streamer is None) if (work and resume) else None
+    saved = work.load(factors=not source.streamed) if (work and resume) else None
     if work and not saved:
         work.start()
 
@@ -216,8 +153,9 @@ def compress(model: nn.Module, config: CompressConfig, calib_ids: torch.Tensor, 
         allocator = get_allocator(config.allocation)
         spectra = None
         if allocator.needs_spectra:
-            streams_ = _place(capture_inputs(model, blocks, calib_ids, config.batch_size, device), stream_device)
-            spectra = _spectra(model, blocks, streams_, selected, prefix, progress, streamer, device)
+            streams_ = _place(capture_inputs(model, source.blocks, calib_ids, config.batch_size, device),
+                              stream_device)
+            spectra = _spectra(source, streams_, selected, progress, device)
             del streams_
         sensitivity = ((output_gradient_energy(model, [f.name for f in selected], calib_ids, 1),)
                        if allocator.needs_sensitivity else ())
@@ -231,7 +169,7 @@ def compress(model: nn.Module, config: CompressConfig, calib_ids: torch.Tensor, 
     grad_grams = output_gradient_grams(model, list(ranks), calib_ids, 1) if "grad_gram" in solver.needs else {}
 
     with torch.no_grad():
-        streams = _place(capture_inputs(model, blocks, calib_ids, config.batch_size, device), stream_device)
+        streams = _place(capture_inputs(model, source.blocks, calib_ids, config.batch_size, device), stream_device)
         factors: dict[str, FactorPair] = {}
         out_ranks: dict[str, list[int]] = {}
         hidden_error: list[float] = []
@@ -239,9 +177,9 @@ def compress(model: nn.Module, config: CompressConfig, calib_ids: torch.Tensor, 
         bytes_written: list[int] = []
         start = 0
         if saved:
-            if streamer is not None:   # finished blocks stay on disk; the skeleton learns their shapes
+            if source.streamed:   # finished blocks stay on disk; the skeleton learns their shapes
                 skeleton(model, CheckpointSpec(saved.factor_ranks), str(work_dir))
-            for name, pair in saved.factors.items():
+            for name, pair in saved.factors.items():     # in memory: the finished blocks' factors
                 lin = model.get_submodule(name)
                 new = LowRankLinear.from_factors(pair.to(device), lin.bias)
                 replace_module(model, name, new)
@@ -253,15 +191,15 @@ def compress(model: nn.Module, config: CompressConfig, calib_ids: torch.Tensor, 
             streams.compressed = (list(streams.dense) if saved.compressed is saved.dense
                                   else [t.to(stream_device) for t in saved.compressed])
             start = saved.next_block
-        bar = tqdm(range(len(blocks)), desc=f"compress ({config.method})", unit="block", initial=start,
+        bar = tqdm(range(len(source.blocks)), desc=f"compress ({config.method})", unit="block", initial=start,
                    disable=not progress)
-        for i in range(start, len(blocks)):
-            block = streamer.load_block(i) if streamer else blocks[i]
-            rel = {f.name[len(f"{prefix}.{i}."):]: f.name for f in linears if f.block == i and f.name in ranks}
+        for i in range(start, len(source.blocks)):
+            block = source.load_block(i)
+            rel = {f.name[len(f"{source.prefix}.{i}."):]: f.name for f in linears if f.block == i and f.name in ranks}
             done, refined = _compress_block(block, rel, streams, streams.calls[i], solver, config, ranks, fisher,
                                             bar, device, grad_grams)
             out_ranks.update({n: [p.rank, p.rank2] for n, p in done.items()})
-            if streamer is None:
+            if not source.streamed:
                 factors.update(done)
             if refined:
                 refinement[i] = refined
@@ -270,8 +208,7 @@ def compress(model: nn.Module, config: CompressConfig, calib_ids: torch.Tensor, 
                 bytes_written.append(work.save_block(i, done, ranks, hidden_error, streams.dense,
                                                      streams.compressed, bytes_written))
             del done
-            if streamer:
-                streamer.release_block(i)
+            source.release_block(i)
             bar.update(1)
         bar.close()
     model.train(was_training)
@@ -279,7 +216,7 @@ def compress(model: nn.Module, config: CompressConfig, calib_ids: torch.Tensor, 
     peak = torch.cuda.max_memory_allocated(device) if device.type == "cuda" else None
     return CompressionResult(factors, out_ranks, linears, hidden_error, time.perf_counter() - t0,
                              refinement=refinement, bytes_written=bytes_written,
-                             work_dir=str(work_dir) if work_dir else None, streamed=streamer is not None,
+                             work_dir=str(work_dir) if work_dir else None, streamed=source.streamed,
                              streams_on="host" if stream_device != device else "device", peak_device_bytes=peak)
 
 

@@ -41,11 +41,20 @@ from pathlib import Path
 import torch
 
 from lrinfer.errors import LrinferError
+from lrinfer.evaluation.perplexity import PerplexityConfig
+
+from .config import CompressConfig
 
 GiB = 1 << 30
 RUNTIME_HOST = int(0.45 * GiB)        # Python + torch + transformers + lrinfer, measured (bench/compress_memory.py)
 CUDA_CONTEXT_HOST = int(0.5 * GiB)
 STAT_COUNT = {"gram": 1, "gram_hat": 1, "cross": 1}
+STREAMS = ("auto", "device", "host")   # where the activation streams may live ("auto": the plan decides)
+
+
+def check_streams(streams: str) -> None:
+    if streams not in STREAMS:
+        raise LrinferError(f"streams must be one of {', '.join(STREAMS)}; got {streams!r}")
 
 
 def _gib(n: float | int | None) -> str:
@@ -183,10 +192,12 @@ def _solve_bytes(needs: frozenset, method: str, i: int, o: int) -> int:
     return (2 * i * o + 3 * small * small) * 8
 
 
-def estimate(config, *, n_samples: int = 32, seq_len: int = 512, batch_size: int = 8, dtype="float32",
-             method: str = "svdllm", ratio: float = 0.2, device: str = "cpu", streaming: bool = True,
+def estimate(config, *, n_samples: int = CompressConfig.n_samples, seq_len: int = CompressConfig.seq_len,
+             batch_size: int = CompressConfig.batch_size, dtype="float32", method: str = CompressConfig.method,
+             ratio: float = CompressConfig.ratio, device: str = "cpu", streaming: bool = True,
              streams: str = "auto", device_free: int | None = None, host_free: int | None = None,
-             eval_windows: int = 0, eval_seq_len: int = 512, eval_batch_size: int = 4) -> MemoryPlan:
+             eval_windows: int = 0, eval_seq_len: int = PerplexityConfig.seq_len,
+             eval_batch_size: int = PerplexityConfig.batch_size) -> MemoryPlan:
     """The memory plan of compressing a model of `config` (a transformers config or a config.json dict).
 
     device_free / host_free: bytes available (None: not checked). streams: "auto" (on the device when
@@ -194,8 +205,7 @@ def estimate(config, *, n_samples: int = 32, seq_len: int = 512, batch_size: int
     peak: the float32 logits of one batch, their shifted copy and log-softmax, 3 × B·T·vocab·4, and, streamed,
     the hidden states of every window). Nothing is loaded."""
     from lrinfer.offline.solvers.base import get_solver
-    if streams not in ("auto", "device", "host"):
-        raise LrinferError(f"streams must be auto, device or host; got {streams!r}")
+    check_streams(streams)
     s = Shape.of(config)
     D = _itemsize(dtype)
     dtype_name = str(dtype).removeprefix("torch.")

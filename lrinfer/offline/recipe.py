@@ -19,7 +19,8 @@ import torch
 from torch import nn
 
 from lrinfer.runtime.checkpoint import atomic_write_bytes
-from .compress import CompressConfig, CompressionResult, compress
+from .compress import CompressionResult, compress
+from .config import CompressConfig
 from lrinfer.errors import LrinferError
 from lrinfer.evaluation.perplexity import perplexity
 from lrinfer.factors import flatten_factors, unflatten_factors

@@ -8,7 +8,8 @@ import torch
 
 from lrinfer.version import __version__
 from lrinfer.offline.allocation.base import achieved_ratio
-from .compress import CompressConfig, CompressionResult
+from .compress import CompressionResult
+from .config import CompressConfig
 from lrinfer.offline.refinement.base import summarize as summarize_refinement
 
 

@@ -28,6 +28,28 @@ def default_model_file() -> Path:
     return path
 
 
+def resolve_device(device: str | None = None) -> str:
+    """`device` when given, else "cuda" when a CUDA device is available, else "cpu"."""
+    return device or ("cuda" if torch.cuda.is_available() else "cpu")
+
+
+def load_dtype(dtype: torch.dtype | str | None, device: str) -> torch.dtype | None:
+    """The dtype a model is loaded in: `dtype` when given (a torch dtype or its name); else float32 on
+    the CPU (16-bit matmuls are slow and inexact there; a 16-bit checkpoint is upcast, exactly), and
+    None (the checkpoint's own) elsewhere."""
+    if dtype is not None:
+        return torch_dtype(dtype)
+    return torch.float32 if torch.device(device).type == "cpu" else None
+
+
+def torch_dtype(dtype: torch.dtype | str) -> torch.dtype:
+    """A floating torch dtype from itself or its name ("bfloat16")."""
+    found = getattr(torch, dtype, None) if isinstance(dtype, str) else dtype
+    if not isinstance(found, torch.dtype) or not found.is_floating_point:
+        raise LrinferError(f"unknown dtype {dtype!r}; use float32, float16 or bfloat16")
+    return found
+
+
 def _looks_like_hub_id(spec: str) -> bool:
     parts = spec.split("/")
     return len(parts) == 2 and all(parts) and not spec.startswith((".", "/", "~"))

@@ -151,8 +151,10 @@ class BlockStreamer:
     `files` holds the tensors under the model's own state-dict names (a Hugging Face directory, or an
     lrinfer checkpoint's `model.safetensors` for a skeleton patched with `LowRankLinear`s). Everything
     outside the blocks is loaded at construction (`load_rest`); `load_block(i)` materializes block i on
-    `device` in `dtype`, `release_block(i)` frees it again.
+    `device` in `dtype`, `release_block(i)` frees it again. `InMemoryBlocks` is the same interface for a
+    model held whole (`block_source` picks).
     """
+    streamed = True
 
     def __init__(self, model: nn.Module, files: SafetensorsFiles, device: torch.device | str,
                  dtype: torch.dtype):
@@ -219,6 +221,33 @@ def _lookup(module: nn.Module, name: str) -> torch.Tensor:
 def streamer_of(model: nn.Module) -> BlockStreamer | None:
     """The `BlockStreamer` of a model built by `load_streamed`, or None for an ordinary model."""
     return model.__dict__.get("_lrinfer_streamer")
+
+
+class InMemoryBlocks:
+    """`BlockStreamer`'s interface over a model held whole: `load_block(i)` returns block i as it is and
+    `release_block(i)` keeps it, so a loop over the blocks reads the same for both (`block_source`).
+    device / dtype: where and in what the model's (first) weights are."""
+    streamed = False
+
+    def __init__(self, model: nn.Module):
+        from .architecture import decoder_blocks
+        self.model = model
+        self.prefix, self.blocks = decoder_blocks(model)
+        weights = next(p for p in model.parameters() if p.is_floating_point())
+        self.device, self.dtype = weights.device, weights.dtype
+
+    def load_block(self, i: int) -> nn.Module:
+        return self.blocks[i]
+
+    def release_block(self, i: int) -> None:
+        pass
+
+
+def block_source(model: nn.Module) -> BlockStreamer | InMemoryBlocks:
+    """Where `model`'s decoder blocks come from: its `BlockStreamer` when `load_streamed` built it (one
+    block read from disk at a time), else `InMemoryBlocks`. Both have `blocks`, `prefix`, `device`,
+    `dtype`, `streamed`, `load_block(i)` and `release_block(i)`."""
+    return streamer_of(model) or InMemoryBlocks(model)
 
 
 def build_skeleton(config, dtype: torch.dtype) -> nn.Module:
@@ -380,3 +409,32 @@ def checkpoint_streamer(model: nn.Module, checkpoint_dir: str | os.PathLike) -> 
         _set_tensor(model, k, t)      # the embeddings and head as stored, too
     model.tie_weights()
     return streamer
+
+
+def save_compressed(model: nn.Module, tokenizer, out: str | os.PathLike, spec, base_model: str,
+                    factor_dir: str | os.PathLike | None = None, overwrite: bool = False,
+                    dtype: torch.dtype | None = None) -> Path:
+    """Write a compressed `model` as a checkpoint directory however its blocks are held: in memory
+    (`checkpoint.save_checkpoint`) or streamed from disk (`save_streamed_checkpoint`, its factors read
+    from `factor_dir`, where `compress` wrote them: `CompressionResult.work_dir`). Returns `out`."""
+    if block_source(model).streamed:
+        if factor_dir is None:
+            raise LrinferError("a streamed model's factors are on disk: pass factor_dir=result.work_dir "
+                               "(the CompressionResult of compress)")
+        return save_streamed_checkpoint(model, tokenizer, out, spec, base_model, factor_dir, overwrite, dtype)
+    from .checkpoint import save_checkpoint
+    return save_checkpoint(model, tokenizer, out, spec, base_model=base_model, overwrite=overwrite, dtype=dtype)
+
+
+def as_written(model: nn.Module, checkpoint_dir: str | os.PathLike, dtype: torch.dtype) -> BlockStreamer | None:
+    """The compressed `model` with its weights as `save_compressed` wrote them to `checkpoint_dir` in
+    `dtype`, to evaluate what was written: a streamed model gets a `BlockStreamer` over the checkpoint
+    (for `perplexity(..., streamer=)`); a model in memory has its floating parameters rounded to `dtype`
+    in place (what writing them did) and gets None (it is evaluated as it is)."""
+    if block_source(model).streamed:
+        return checkpoint_streamer(model, checkpoint_dir)
+    with torch.no_grad():
+        for p in model.parameters():
+            if p.is_floating_point() and p.dtype != dtype:
+                p.copy_(p.to(dtype))
+    return None
