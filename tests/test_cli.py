@@ -170,7 +170,7 @@ def test_expected_fallbacks_are_one_summary_line(tiny_dir, tmp_path, capsys, cap
 def test_methods_lists_every_stage(capsys):
     assert main(["methods", "--json"]) == 0
     catalog = json.loads(capsys.readouterr().out)
-    assert {"svdllm", "ressvd", "saes"} <= set(catalog["solver"]) and set(catalog["allocation"]) == {"uniform", "drank"}
+    assert {"svdllm", "ressvd", "saes"} <= set(catalog["solver"]) and set(catalog["allocation"]) == {"uniform", "drank", "loss"}
     assert catalog["selection"]["last"]["options"]["k"] == {"default": None, "type": "an int or None"}
     assert catalog["solver"]["ressvd"]["selection"] == "last"
     assert main(["methods"]) == 0
