@@ -35,7 +35,9 @@ def _options(pairs: list[str] | None, flag: str) -> dict:
 
 
 def _eval_args(p: argparse.ArgumentParser, data_default: str = "wikitext2") -> None:
-    p.add_argument("--data", default=data_default, help="evaluation text: wikitext2 (raw test split) or a .txt/.jsonl file")
+    p.add_argument("--data", default=data_default,
+                   help=f"evaluation texts, comma-separated (default {data_default}): wikitext2 (raw test split), "
+                        "timemachine (a public-domain novel shipped with lrinfer; evaluation only), a .txt/.jsonl file")
     p.add_argument("--seq-len", type=int, default=512, help="tokens per perplexity window (default 512)")
     p.add_argument("--windows", type=int, default=16, help="number of non-overlapping windows; 0 = all (default 16)")
     p.add_argument("--eval-batch-size", type=int, default=4)
@@ -298,13 +300,13 @@ def _compute_dtype(dtype, device: str):
     return dtype if dtype is not None else (torch.float32 if device == "cpu" else None)
 
 
-def _ppl(model, tok, args, data_dir, progress, streamer=None) -> dict:
-    from .data import eval_windows
-    from lrinfer.evaluation.perplexity import perplexity
-    windows, desc = eval_windows(tok, args.data, args.seq_len, args.windows or None, data_dir)
-    out = perplexity(model, windows, args.eval_batch_size, progress, streamer)
-    out["data"] = desc
-    return out
+def _ppl(model, tok, args, data_dir, progress, streamer=None) -> tuple[dict, dict]:
+    """Perplexity on each text of --data: (the first text's result, {text: result} for all of them)."""
+    from .data import eval_sources
+    from lrinfer.evaluation.perplexity import perplexities
+    by_data = perplexities(model, tok, eval_sources(args.data), args.seq_len, args.windows or None,
+                           args.eval_batch_size, data_dir, progress, streamer)
+    return next(iter(by_data.values())), by_data
 
 
 def cmd_compress(args) -> dict:
@@ -312,12 +314,13 @@ def cmd_compress(args) -> dict:
 
     from lrinfer.runtime.checkpoint import CheckpointSpec, atomic_write_bytes, save_checkpoint, save_dtype
     from lrinfer.offline.compress import CompressConfig
-    from .data import resolve_data_dir
+    from .data import eval_sources, resolve_data_dir
     from lrinfer.runtime.models import load_model
     from lrinfer.offline.report import compression_report, dir_bytes, format_summary, unique_params
     from lrinfer.offline.solvers.linalg import collect_fallbacks
 
     device, out_dtype = _setup(args)
+    eval_sources(args.data)   # a bad --data fails before the model loads
     dtype = getattr(torch, args.compute_dtype) if args.compute_dtype else None
     progress = not args.no_progress
     auto = args.method == "auto"
@@ -373,7 +376,7 @@ def cmd_compress(args) -> dict:
     data_dir = resolve_data_dir(args.data_dir)
     extra = {}
     if not args.no_eval:
-        extra["ppl_dense"] = _ppl(model, tok, args, data_dir, progress)
+        extra["ppl_dense"], extra["ppl_dense_by_data"] = _ppl(model, tok, args, data_dir, progress)
     dense_params = unique_params(model)
     work_dir = out.parent / f".{out.name}.work"
     with collect_fallbacks() as fallbacks:
@@ -390,8 +393,9 @@ def cmd_compress(args) -> dict:
                   resume={"bytes_per_block": result.bytes_written, "bytes_total": sum(result.bytes_written)})
     if not args.no_eval and not streamed:   # the model as it is written: weights rounded to the checkpoint's dtype
         _round_weights(model, out_dtype)
-        report["ppl"] = _ppl(model, tok, args, data_dir, progress)
-        report["ppl"]["weights"] = f"stored in {report['dtype']}, computed in {next(model.parameters()).dtype}"
+        report["ppl"], report["ppl_by_data"] = _ppl(model, tok, args, data_dir, progress)
+        for e in report["ppl_by_data"].values():
+            e["weights"] = f"stored in {report['dtype']}, computed in {next(model.parameters()).dtype}"
     spec = CheckpointSpec.of_compression(config, result.ranks, **({"recipe_search": {
         "chosen": search.best.label, "criterion": search.criterion}} if search else {}))
     if streamed:   # written tensor by tensor; perplexity then reads the checkpoint back block by block
@@ -399,8 +403,10 @@ def cmd_compress(args) -> dict:
         save_streamed_checkpoint(model, tok, out, spec, base_model=source, factor_dir=result.work_dir,
                                  overwrite=args.overwrite, dtype=out_dtype)
         if not args.no_eval:
-            report["ppl"] = _ppl(model, tok, args, data_dir, progress, checkpoint_streamer(model, out))
-            report["ppl"]["weights"] = f"stored in {report['dtype']}, computed in {plan.dtype}"
+            report["ppl"], report["ppl_by_data"] = _ppl(model, tok, args, data_dir, progress,
+                                                        checkpoint_streamer(model, out))
+            for e in report["ppl_by_data"].values():
+                e["weights"] = f"stored in {report['dtype']}, computed in {plan.dtype}"
     else:
         save_checkpoint(model, tok, out, spec, base_model=source, overwrite=args.overwrite, dtype=out_dtype)
     report["peak_host_bytes"] = peak_rss()
@@ -477,10 +483,12 @@ def _compress_or_search(args, model, tok, config, candidates, data_dir, work_dir
 
 def cmd_eval(args) -> dict:
     from lrinfer.runtime.checkpoint import is_checkpoint, read_manifest
-    from .data import resolve_data_dir
+    from .data import eval_sources, resolve_data_dir
     from lrinfer.runtime.models import load_model
 
     device, dtype = _setup(args)
+    if not args.no_ppl:
+        eval_sources(args.data)   # a bad --data fails before the model loads
     model, tok, source = load_model(args.model, _compute_dtype(dtype, device), device)
     data_dir = resolve_data_dir(args.data_dir)
     report = {"model": source}
@@ -490,15 +498,14 @@ def cmd_eval(args) -> dict:
     else:
         report.update(method="dense", ratio=0.0, ranks={})
     if not args.no_ppl:
-        report["ppl"] = _ppl(model, tok, args, data_dir, not args.no_progress)
+        report["ppl"], report["ppl_by_data"] = _ppl(model, tok, args, data_dir, not args.no_progress)
     if args.tasks:
         from lrinfer.evaluation.zeroshot import evaluate_tasks
         report["tasks"] = evaluate_tasks(model, tok, [t.strip() for t in args.tasks.split(",") if t.strip()],
                                          data_dir, limit=args.limit, batch_size=args.batch_size, device=device,
                                          progress=not args.no_progress, chat_records=args.chat_records)
     if not args.json:
-        if "ppl" in report:
-            e = report["ppl"]
+        for e in report.get("ppl_by_data", {}).values():
             print(f"perplexity {e['ppl']:.3f}  [{e['data']}, seq_len {e['seq_len']}, {e['windows']} windows]")
         for task, r in report.get("tasks", {}).items():
             if "empty" in r:   # the chat task

@@ -8,6 +8,7 @@ import torch.nn.functional as F
 from torch import nn
 from tqdm.auto import tqdm
 
+from lrinfer.data import eval_windows
 from lrinfer.runtime.blocks import capture_inputs, run_block
 from lrinfer.runtime.streaming import BlockStreamer, streamer_of
 
@@ -31,6 +32,18 @@ def perplexity(model, windows: torch.Tensor, batch_size: int = 4, progress: bool
         nll, n = next_token_nll(model(input_ids=ids, use_cache=False).logits, ids)
         total_nll, total_tokens = total_nll + nll, total_tokens + n
     return perplexity_result(total_nll, total_tokens, windows)
+
+
+def perplexities(model, tokenizer, sources: list[str], seq_len: int = 512, windows: int | None = None,
+                 batch_size: int = 4, data_dir=None, progress: bool = True,
+                 streamer: BlockStreamer | None = None) -> dict[str, dict]:
+    """Perplexity on each evaluation text of `sources` (names or files, `lrinfer.data.eval_sources`), in
+    order: {source: `perplexity` result + "data" (the text's description)}. `windows` None: all of each."""
+    out = {}
+    for source in sources:
+        ids, desc = eval_windows(tokenizer, source, seq_len, windows, data_dir)
+        out[source] = {**perplexity(model, ids, batch_size, progress, streamer), "data": desc}
+    return out
 
 
 def next_token_nll(logits: torch.Tensor, ids: torch.Tensor) -> tuple[float, int]:
