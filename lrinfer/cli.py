@@ -35,7 +35,8 @@ def _eval_args(p: argparse.ArgumentParser) -> None:
     from lrinfer.evaluation.perplexity import PerplexityConfig
     d = PerplexityConfig()
     p.add_argument("--data", default=d.data,
-                   help=f"evaluation text: wikitext2 (raw test split) or a .txt/.jsonl file (default {d.data})")
+                   help=f"evaluation texts, comma-separated (default {d.data}): wikitext2 (raw test split), "
+                        "timemachine (a public-domain novel shipped with lrinfer; evaluation only), a .txt/.jsonl file")
     p.add_argument("--seq-len", type=int, default=d.seq_len, help=f"tokens per perplexity window (default {d.seq_len})")
     p.add_argument("--windows", type=int, default=d.windows,
                    help=f"number of non-overlapping windows; 0 = all (default {d.windows})")
@@ -374,13 +375,14 @@ def _setup(args) -> str:
 
 
 def cmd_eval(args) -> dict:
-    from lrinfer.evaluation.perplexity import text_perplexity
+    from lrinfer.evaluation.perplexity import text_perplexities
     from lrinfer.runtime.checkpoint import is_checkpoint, read_manifest
     from lrinfer.runtime.models import load_dtype, load_model
 
     from .data import resolve_data_dir
 
     device = _setup(args)
+    evaluation = None if args.no_ppl else _perplexity_config(args)   # a bad --data fails before the model loads
     model, tok, source = load_model(args.model, load_dtype(args.dtype, device), device)
     data_dir = resolve_data_dir(args.data_dir)
     report = {"model": source}
@@ -390,15 +392,15 @@ def cmd_eval(args) -> dict:
     else:
         report.update(method="dense", ratio=0.0, ranks={})
     if not args.no_ppl:
-        report["ppl"] = text_perplexity(model, tok, _perplexity_config(args), data_dir, not args.no_progress)
+        report["ppl_by_data"] = text_perplexities(model, tok, evaluation, data_dir, not args.no_progress)
+        report["ppl"] = next(iter(report["ppl_by_data"].values()))   # the first text's
     if args.tasks:
         from lrinfer.evaluation.zeroshot import evaluate_tasks
         report["tasks"] = evaluate_tasks(model, tok, [t.strip() for t in args.tasks.split(",") if t.strip()],
                                          data_dir, limit=args.limit, batch_size=args.batch_size, device=device,
                                          progress=not args.no_progress, chat_records=args.chat_records)
     if not args.json:
-        if "ppl" in report:
-            e = report["ppl"]
+        for e in report.get("ppl_by_data", {}).values():
             print(f"perplexity {e['ppl']:.3f}  [{e['data']}, seq_len {e['seq_len']}, {e['windows']} windows]")
         for task, r in report.get("tasks", {}).items():
             if "empty" in r:   # the chat task

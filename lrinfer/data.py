@@ -1,7 +1,9 @@
 """Calibration and evaluation text: WikiText-2 (local or Hugging Face), any .txt/.jsonl, `self`, or chat
-conversations of the model itself (`chat`, `mix`; lrinfer/evaluation/chat.py)."""
+conversations of the model itself (`chat`, `mix`; lrinfer/evaluation/chat.py); and evaluation-only
+texts shipped in the package (`timemachine`; lrinfer/texts/README.md)."""
 from __future__ import annotations
 
+import hashlib
 import json
 import logging
 import os
@@ -18,6 +20,16 @@ SOURCES = ("auto", "wikitext2", "chat", "mix", "self", "FILE.txt", "FILE.jsonl")
 CHAT_SOURCES = ("chat", "mix")    # conversations the dense model writes through its chat template
 # Files under the data directory (see ../shared/data/README.md).
 _WIKITEXT_FILES = {"calib": "wikitext-2/valid.txt", "eval": "wikitext-2-raw/wiki.test.raw"}
+
+TEXTS_DIR = Path(__file__).resolve().parent / "texts"
+# Evaluation-only texts shipped in the package, with the sha256 of each file (lrinfer/texts/README.md):
+# never calibration text, never the recipe search's held-apart text (`load_text` refuses them for that).
+EVAL_TEXTS = {
+    "timemachine": {"file": "time_machine.txt",
+                    "sha256": "124084573ad7c355a60f71ed1a9e306746f46c454bd0c448df605095454265d8",
+                    "title": "H. G. Wells, The Time Machine (1895; public domain, Project Gutenberg eBook #35)"},
+}
+EVAL_SOURCES = ("wikitext2", *EVAL_TEXTS, "FILE.txt", "FILE.jsonl")   # what `--data` takes, comma-separated
 
 
 def resolve_data_dir(data_dir: str | os.PathLike | None = None) -> Path | None:
@@ -83,14 +95,64 @@ def _file_text(path: Path) -> str:
     return path.read_text(encoding="utf-8")
 
 
+def eval_only_error(source: str) -> LrinferError:
+    """The error for naming an evaluation-only text as calibration (or held-apart search) text."""
+    return LrinferError(f"'{source}' is an evaluation-only text (lrinfer/texts/README.md): it is never calibrated "
+                        "on nor used by the recipe search; calibrate on wikitext2, chat, mix, self or your own "
+                        ".txt/.jsonl file, and pass it to --data to measure perplexity on it")
+
+
+def is_eval_text(source: str) -> bool:
+    """`source` names a packaged evaluation-only text, by name or by the path of its file."""
+    if source in EVAL_TEXTS:
+        return True
+    try:
+        path = Path(source).expanduser().resolve()
+    except (OSError, RuntimeError, ValueError):
+        return False
+    return any(path == (TEXTS_DIR / t["file"]).resolve() for t in EVAL_TEXTS.values())
+
+
+def packaged_text(name: str) -> tuple[str, str]:
+    """(text, description) of the packaged evaluation text `name`, its sha256 checked against EVAL_TEXTS."""
+    entry = EVAL_TEXTS[name]
+    path = TEXTS_DIR / entry["file"]
+    if not path.is_file():
+        raise LrinferError(f"the packaged evaluation text {path} is missing: reinstall lrinfer")
+    raw = path.read_bytes()
+    if hashlib.sha256(raw).hexdigest() != entry["sha256"]:
+        raise LrinferError(f"{path} does not match its sha256 in lrinfer/texts/README.md: it was modified; reinstall")
+    return raw.decode("utf-8"), f"{name}: {entry['title']}"
+
+
 def load_text(source: str, purpose: str, data_dir: Path | None = None) -> tuple[str, str]:
-    """(text, description) for `source` in ("wikitext2", a .txt/.jsonl path); purpose "calib" or "eval"."""
+    """(text, description) for `source` in ("wikitext2", a packaged text of EVAL_TEXTS, a .txt/.jsonl path);
+    purpose "calib" or "eval". The packaged texts are evaluation only: any other purpose is an error."""
+    if is_eval_text(source) and purpose != "eval":
+        raise eval_only_error(source)
     if source == "wikitext2":
         return _wikitext(purpose, data_dir)
+    if source in EVAL_TEXTS:
+        return packaged_text(source)
     path = Path(source).expanduser()
     if path.suffix in (".txt", ".jsonl", ".raw") or path.exists():
         return _file_text(path), str(path)
-    raise LrinferError(f"unknown data source '{source}'; use wikitext2, self, or a .txt/.jsonl file")
+    raise LrinferError(f"unknown data source '{source}'; use wikitext2, {', '.join(EVAL_TEXTS)} (evaluation only), "
+                       "self, or a .txt/.jsonl file")
+
+
+def eval_sources(spec: str) -> list[str]:
+    """`--data` -> the evaluation texts it names, in order, each once: "wikitext2,timemachine" -> both."""
+    names = list(dict.fromkeys(s.strip() for s in spec.split(",") if s.strip()))
+    if not names:
+        raise LrinferError(f"--data names no evaluation text; use {', '.join(EVAL_SOURCES[:-2])} or a .txt/.jsonl "
+                           "file, comma-separated")
+    for name in names:
+        if name not in ("wikitext2", *EVAL_TEXTS) and Path(name).suffix not in (".txt", ".jsonl", ".raw") \
+                and not Path(name).expanduser().exists():
+            raise LrinferError(f"unknown evaluation text '{name}'; use {', '.join(EVAL_SOURCES[:-2])} or a "
+                               ".txt/.jsonl file (comma-separated for several)")
+    return names
 
 
 def tokenize(tokenizer, text: str) -> torch.Tensor:

@@ -23,7 +23,7 @@ import torch
 from lrinfer.data import resolve_data_dir
 from lrinfer.errors import LrinferError
 from lrinfer.evaluation.generate import has_chat_template
-from lrinfer.evaluation.perplexity import PerplexityConfig, perplexity
+from lrinfer.evaluation.perplexity import PerplexityConfig, text_perplexities
 from lrinfer.offline.calibration_data import NEEDS_MODEL, calibration_batch, calibration_split, resolve_calib
 from lrinfer.offline.compress import CompressionResult, compress
 from lrinfer.offline.config import CompressConfig
@@ -119,8 +119,8 @@ def run(job: CompressJob, show_plan: Callable[[MemoryPlan], None] | None = None)
     prepare_out_dir(out, source, job.overwrite)              # fail before the long work, not after
     data_dir = resolve_data_dir(job.data_dir)
     if ev is not None:                                       # tokenized once, for both models
-        windows, eval_desc = ev.token_windows(tok, data_dir)
-        ppl_dense = {**perplexity(model, windows, ev.batch_size, job.progress), "data": eval_desc}
+        windows = ev.token_windows(tok, data_dir)
+        ppl_dense = text_perplexities(model, tok, ev, progress=job.progress, windows=windows)
     dense_params = unique_params(model)
     work_dir = out.parent / f".{out.name}.work"
     with collect_fallbacks() as fallbacks:
@@ -138,10 +138,13 @@ def run(job: CompressJob, show_plan: Callable[[MemoryPlan], None] | None = None)
     save_compressed(model, tok, out, spec, base_model=source, factor_dir=result.work_dir, overwrite=job.overwrite,
                     dtype=out_dtype)
     if ev is not None:                                       # the model as written, in the checkpoint's dtype
-        written = as_written(model, out, out_dtype)
-        report.update(ppl_dense=ppl_dense, ppl={
-            **perplexity(model, windows, ev.batch_size, job.progress, written), "data": eval_desc,
-            "weights": f"stored in {report['dtype']}, computed in {str(blocks.dtype).removeprefix('torch.')}"})
+        ppl = text_perplexities(model, tok, ev, progress=job.progress, streamer=as_written(model, out, out_dtype),
+                                windows=windows)
+        for e in ppl.values():
+            e["weights"] = f"stored in {report['dtype']}, computed in {str(blocks.dtype).removeprefix('torch.')}"
+        # ppl / ppl_dense: the first text's; *_by_data: every text of --data
+        report.update(ppl_dense=next(iter(ppl_dense.values())), ppl_dense_by_data=ppl_dense,
+                      ppl=next(iter(ppl.values())), ppl_by_data=ppl)
     report.update(peak_host_bytes=peak_rss(), out=str(out), bytes_on_disk=dir_bytes(out))
     atomic_write_bytes(out / "report.json", json.dumps(report, indent=2).encode())
     WorkDir(work_dir, "").remove()

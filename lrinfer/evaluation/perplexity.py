@@ -17,9 +17,10 @@ from lrinfer.runtime.streaming import BlockStreamer, streamer_of
 
 @dataclass(frozen=True)
 class PerplexityConfig:
-    """What perplexity is measured on: `data` (wikitext2: its raw test split; or a .txt/.jsonl file),
-    `windows` non-overlapping windows of `seq_len` tokens from its start (0: every window), run
-    `batch_size` windows at a time. The defaults are `lrinfer eval`'s and `lrinfer compress`'s."""
+    """What perplexity is measured on: `data`, one or more comma-separated texts (wikitext2: its raw test
+    split; timemachine: a public-domain novel shipped with lrinfer; or a .txt/.jsonl file), `windows`
+    non-overlapping windows of `seq_len` tokens from the start of each (0: every window), run `batch_size`
+    windows at a time. The defaults are `lrinfer eval`'s and `lrinfer compress`'s."""
     data: str = "wikitext2"
     seq_len: int = 512
     windows: int = 16
@@ -29,19 +30,23 @@ class PerplexityConfig:
         for name, least in (("seq_len", 2), ("windows", 0), ("batch_size", 1)):
             if int(getattr(self, name)) < least:
                 raise LrinferError(f"perplexity {name} must be >= {least}; got {getattr(self, name)}")
+        text_data.eval_sources(self.data)   # a bad text name fails before any model loads
 
-    def token_windows(self, tokenizer, data_dir=None) -> tuple[torch.Tensor, str]:
-        """The windows [w, seq_len] of token ids (`data` read from `data_dir`, see
-        `lrinfer.data.resolve_data_dir`) and a description of the text."""
-        return text_data.eval_windows(tokenizer, self.data, self.seq_len, self.windows or None, data_dir)
+    def token_windows(self, tokenizer, data_dir=None) -> dict[str, tuple[torch.Tensor, str]]:
+        """{text: (windows [w, seq_len] of token ids, a description of the text)} for each text of `data`,
+        in order (read from `data_dir`, see `lrinfer.data.resolve_data_dir`)."""
+        return {source: text_data.eval_windows(tokenizer, source, self.seq_len, self.windows or None, data_dir)
+                for source in text_data.eval_sources(self.data)}
 
 
-def text_perplexity(model, tokenizer, config: PerplexityConfig = PerplexityConfig(), data_dir=None,
-                    progress: bool = True, streamer: BlockStreamer | None = None) -> dict:
-    """`perplexity` of `model` on the windows `config` names. Returns {"ppl", "nll", "tokens", "windows",
-    "seq_len", "data"}."""
-    windows, desc = config.token_windows(tokenizer, data_dir)
-    return {**perplexity(model, windows, config.batch_size, progress, streamer), "data": desc}
+def text_perplexities(model, tokenizer, config: PerplexityConfig = PerplexityConfig(), data_dir=None,
+                      progress: bool = True, streamer: BlockStreamer | None = None,
+                      windows: dict[str, tuple[torch.Tensor, str]] | None = None) -> dict[str, dict]:
+    """`perplexity` of `model` on each text `config` names (or on `windows`, from `config.token_windows`):
+    {text: {"ppl", "nll", "tokens", "windows", "seq_len", "data"}}, in `config.data`'s order."""
+    windows = windows or config.token_windows(tokenizer, data_dir)
+    return {source: {**perplexity(model, ids, config.batch_size, progress, streamer), "data": desc}
+            for source, (ids, desc) in windows.items()}
 
 
 @torch.no_grad()

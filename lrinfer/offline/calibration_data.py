@@ -11,7 +11,7 @@ from pathlib import Path
 import torch
 from tqdm.auto import tqdm
 
-from lrinfer.data import CHAT_SOURCES, SOURCES, load_text, tokenize
+from lrinfer.data import CHAT_SOURCES, SOURCES, eval_only_error, is_eval_text, load_text, tokenize
 from lrinfer.errors import LrinferError
 from lrinfer.evaluation.chat import TASK_DIR, chat_prompt_ids, generate_batch, has_template
 
@@ -27,7 +27,10 @@ MIX_CHAT_FRACTION = 0.5           # `mix`: this share of the samples are chat, t
 
 
 def check_calib_source(source: str) -> None:
-    """A calibration source is a known name or a file path (checked for existence when it is read)."""
+    """A calibration source is a known name or a file path (checked for existence when it is read);
+    never a packaged evaluation-only text (`lrinfer.data.EVAL_TEXTS`), by name or by path."""
+    if is_eval_text(source):
+        raise eval_only_error(source)
     named = [x for x in SOURCES if not x.startswith("FILE")]
     if source in named or Path(source).suffix in (".txt", ".jsonl", ".raw") or Path(source).expanduser().exists():
         return

@@ -100,8 +100,7 @@ def format_summary(report: dict) -> str:
     if "bytes_on_disk" in report:
         lines.append(f"on disk: {report['bytes_on_disk'] / 2**20:.1f} MiB in {report.get('out')}")
     for key, label in (("ppl_dense", "dense"), ("ppl", "compressed")):
-        if key in report:
-            e = report[key]
+        for e in report.get(f"{key}_by_data", {key: report[key]} if key in report else {}).values():
             lines.append(f"perplexity ({label}): {e['ppl']:.2f}  [{e['data']}, seq_len {e['seq_len']}, "
                          f"{e['windows']} windows]")
     return "\n".join(lines)
