@@ -1,6 +1,7 @@
 """Decode speed and memory inside vLLM on the CPU: dense SmolLM2 against its svdllm checkpoints.
 
     python bench/vllm_cpu.py                      # dense, 20%, 40%; batch 1 and 16; writes bench/results/vllm_cpu.*
+    python bench/vllm_cpu.py --gemm default op    # each checkpoint on the default path and on the forced op path
 
 Runs from the main environment (which makes the dense Hugging Face directory from the packaged GGUF and
 the checkpoints with `lrinfer compress`, when missing). Every model is loaded once, in its own persistent
@@ -8,9 +9,10 @@ process of vLLM's environment (`--python`, default .venv-vllm/bin/python; see te
 built), so memory is per model; the measurements are interleaved (each repeat visits every model, in a
 rotating order), so the load swings of a shared machine hit all of them alike.
 
-Each checkpoint runs with each plugin CPU path in `--gemm`: "op" (quantization lrinfer: the registered
-lrinfer ops, torch math on the CPU) and "onednn" (quantization lrinfer_onednn: vLLM's prepacked oneDNN
-matmuls, what vLLM uses for its own dense linears on the CPU).
+Each checkpoint runs with each plugin CPU path in `--gemm`: "default" (no --quantization: config.json's
+"lrinfer", the plugin's default, which on the CPU is vLLM's prepacked oneDNN matmuls where vLLM's own dense
+linears use them), "op" (quantization lrinfer_ops: the registered lrinfer ops, torch math on the CPU) and
+"onednn" (quantization lrinfer_onednn: the prepacked oneDNN matmuls, required).
 
 Per model and batch size B: B prompts of `--prompt-len` random tokens; t1 = time of
 generate(max_tokens=1) (prefill + first token), tN = time of generate(max_tokens=N) (ignore_eos).
@@ -31,13 +33,16 @@ import time
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
+# --gemm: (label, --quantization passed to vLLM; None = config.json's "lrinfer", the plugin's default)
+GEMMS = {"default": ("default", None), "op": ("lrinfer ops", "lrinfer_ops"), "onednn": ("oneDNN, forced", "lrinfer_onednn")}
 
 
 # --- the child: runs in vLLM's environment ----------------------------------------------------------
 
 def _layers(model) -> dict:
-    lowrank = sum(1 for m in model.modules() if type(getattr(m, "quant_method", None)).__name__ == "LrinferLinearMethod")
-    return {"lowrank_layers": lowrank}
+    lowrank = [m for m in model.modules() if type(getattr(m, "quant_method", None)).__name__ == "LrinferLinearMethod"]
+    return {"lowrank_layers": len(lowrank),
+            "onednn_layers": sum(1 for m in lowrank if getattr(m, "lrinfer_onednn", None) is not None)}
 
 
 def _rss() -> int:
@@ -177,6 +182,7 @@ def summarize(results: dict[str, dict], batches: list[int], weights: dict[str, i
     out = {}
     for label, r in results.items():
         row = {"weights_MiB": weights[label] / 2**20, "lowrank_layers": r["info"]["layers"]["lowrank_layers"],
+               "onednn_layers": r["info"]["layers"].get("onednn_layers", 0),
                "quantization": r["info"]["quantization"],
                "load_rss_MiB": (r["info"]["rss_loaded_bytes"] - r["info"]["rss_before_bytes"]) / 2**20,
                "peak_rss_MiB": r["peak_rss_bytes"] / 2**20}
@@ -196,11 +202,11 @@ def markdown(summary: dict, meta: dict, batches: list[int]) -> str:
              f"(ignore_eos), median of {meta['repeats']} interleaved repeats (min-max in brackets); KV cache "
              f"{meta['kv_mib']} MiB for every model. Load average at start {meta['loadavg_start']}, "
              f"at end {meta['loadavg_end']} (a shared machine).", "",
-             "| model | low-rank layers | weights (MiB) | RSS growth at load (MiB) | peak RSS (MiB) | "
+             "| model | low-rank layers (oneDNN) | weights (MiB) | RSS growth at load (MiB) | peak RSS (MiB) | "
              + " | ".join(f"decode tok/s, batch {B}" for B in batches) + " |",
              "|---|---|---|---|---|" + "---|" * len(batches)]
     for label, row in summary.items():
-        cells = [label, str(row["lowrank_layers"]), f"{row['weights_MiB']:.1f} ({row['weights_MiB'] / dense['weights_MiB']:.2f}x)",
+        cells = [label, f"{row['lowrank_layers']} ({row['onednn_layers']})", f"{row['weights_MiB']:.1f} ({row['weights_MiB'] / dense['weights_MiB']:.2f}x)",
                  f"{row['load_rss_MiB']:.0f}", f"{row['peak_rss_MiB']:.0f}"]
         for B in batches:
             v = row[f"decode_tok_s_b{B}"]
@@ -225,9 +231,10 @@ def main(argv=None) -> int:
     ap.add_argument("--threads", type=int, default=2, help="OpenMP threads of each vLLM process")
     ap.add_argument("--kv-mib", type=int, default=256, help="KV cache of every model (kv_cache_memory_bytes)")
     ap.add_argument("--eager", action="store_true", help="enforce_eager (no torch.compile)")
-    ap.add_argument("--gemm", nargs="+", default=["op", "onednn"], choices=["op", "onednn"],
-                    help="the plugin's CPU path(s) for the checkpoints: the registered lrinfer ops (quantization "
-                         "lrinfer) and/or vLLM's prepacked oneDNN matmuls (quantization lrinfer_onednn); default both")
+    ap.add_argument("--gemm", nargs="+", default=["default"], choices=list(GEMMS),
+                    help="the plugin's CPU path(s) for the checkpoints: default (config.json's quantization "
+                         "lrinfer: oneDNN where vLLM's dense linears use it), op (--quantization lrinfer_ops), "
+                         "onednn (--quantization lrinfer_onednn); default: default")
     ap.add_argument("--quantization", default=None, help=argparse.SUPPRESS)
     ap.add_argument("--out", default=str(ROOT / "bench" / "results" / "vllm_cpu"), help="writes OUT.json and OUT.md")
     ap.add_argument("--child", default=None, help=argparse.SUPPRESS)
@@ -239,8 +246,8 @@ def main(argv=None) -> int:
     prepared = prepare(Path(args.work), args.ratios, args.samples)
     # (label, directory, quantization): the dense model once, each checkpoint once per --gemm path
     jobs = [("dense", prepared.pop("dense"), None)]
-    jobs += [(label if len(args.gemm) == 1 else f"{label} ({'lrinfer ops' if g == 'op' else 'oneDNN'})", d,
-              "lrinfer" if g == "op" else "lrinfer_onednn") for label, d in prepared.items() for g in args.gemm]
+    jobs += [(label if len(args.gemm) == 1 else f"{label} ({GEMMS[g][0]})", d, GEMMS[g][1])
+             for label, d in prepared.items() for g in args.gemm]
     dirs = {label: d for label, d, _ in jobs}
     logs = Path(args.work) / "logs"
     logs.mkdir(parents=True, exist_ok=True)

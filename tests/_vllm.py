@@ -41,12 +41,16 @@ class IndexUnreachable(RuntimeError):
 
 
 def child_env(**extra) -> dict:
-    """Environment for a vLLM subprocess: offline, 1 GiB KV cache, one unbound OpenMP thread, in-process engine."""
+    """Environment for a vLLM subprocess: offline, 1 GiB KV cache, one unbound OpenMP thread per process,
+    in-process engine (tensor-parallel workers are still separate processes)."""
     env = {k: v for k, v in os.environ.items() if not k.startswith(("VIRTUAL_ENV", "PYTHONHOME"))}
     env.pop("PYTHONPATH", None)
     env.update(HF_HUB_OFFLINE="1", TRANSFORMERS_OFFLINE="1", VLLM_CPU_KVCACHE_SPACE="1",
                VLLM_CPU_OMP_THREADS_BIND="nobind", VLLM_ENABLE_V1_MULTIPROCESSING="0", OMP_NUM_THREADS="1",
-               OMP_WAIT_POLICY="PASSIVE", VLLM_NO_USAGE_STATS="1", DO_NOT_TRACK="1", TOKENIZERS_PARALLELISM="false")
+               OMP_WAIT_POLICY="PASSIVE", VLLM_NO_USAGE_STATS="1", DO_NOT_TRACK="1", TOKENIZERS_PARALLELISM="false",
+               # tensor-parallel workers (vLLM's "mp" executor) never exit on their own after an engine is deleted:
+               # vLLM sends them SIGTERM after this grace period (default 5 s, paid per engine)
+               VLLM_WORKER_SHUTDOWN_TIMEOUT_SECONDS="1")
     env.update(extra)
     return env
 
@@ -104,10 +108,14 @@ def ensure_vllm_venv(venv: Path = VENV, timeout: float = 900, constraints: Path 
 
 
 def make_checkpoints(model, tok, source: str, out: Path, samples: int = 4, seq_len: int = 64,
-                     data_dir: Path | None = None) -> dict[str, Path]:
+                     data_dir: Path | None = None, version1: bool = True) -> dict[str, Path]:
     """Two real, small checkpoints of `model` (left untouched: each compresses a copy), in float32:
-    svdllm and ressvd (residual pairs), each on the last 3 decoder blocks at 20% per layer."""
+    svdllm and ressvd (residual pairs), each on the last 3 decoder blocks at 20% per layer; with
+    `version1`, each also as the format-version-1 writer wrote it ("svdllm-v1", "ressvd-v1": the same
+    weights, no layout / dtype / base_model in quantization_config; tests/_old_writer.py)."""
     import lrinfer
+
+    from ._old_writer import write_version1
     calib, _ = lrinfer.calibration_batch(tok, "wikitext2", n_samples=samples, seq_len=seq_len, data_dir=data_dir)
     blocks = model.config.num_hidden_layers
     paths = {}
@@ -118,6 +126,8 @@ def make_checkpoints(model, tok, source: str, out: Path, samples: int = 4, seq_l
         result = lrinfer.compress(m, cfg, calib, progress=False)
         paths[method] = lrinfer.save_checkpoint(m, tok, out / method, {"method": method, "ratio": cfg.ratio,
                                                                        "ranks": result.ranks}, base_model=source)
+        if version1:
+            paths[f"{method}-v1"] = write_version1(m, out / f"{method}-v1", tok, method, cfg.ratio, source)
         del m
     return paths
 

@@ -1,43 +1,59 @@
 """Runs inside vLLM's virtual environment (see tests/_vllm.py); prints one JSON line last.
 
-    python _vllm_child.py generate SPEC.json   greedy tokens of each model in SPEC through vllm.LLM
+    python _vllm_child.py generate SPEC.json   greedy tokens of each run in SPEC through vllm.LLM
     python _vllm_child.py tp                   the plugin's tensor-parallel loaders, with vLLM's own layers
-    python _vllm_child.py generate SPEC.json tp   both, in one process
+    python _vllm_child.py platform             whether the plugin's CPU default is oneDNN here
+    python _vllm_child.py generate SPEC.json tp platform   all, in one process
 """
 import json
 import sys
+import time
 
 
 def layer_summary(model) -> dict:
-    """{vLLM layer name: [method class, per-shard ranks]} for the low-rank layers of a loaded model."""
+    """{vLLM layer name: [method class, per-shard ranks, oneDNN?, V's shape, per-shard output features]} for
+    the low-rank layers of a loaded model, as held on this tensor-parallel rank (V [in, Σk] read from its
+    oneDNN handler once prepacked)."""
     out = {}
     for name, m in model.named_modules():
         method = getattr(m, "quant_method", None)
         if type(method).__name__ == "LrinferLinearMethod":
-            out[name] = [type(method).__name__, [list(r) for r in method.ranks], m.lrinfer_onednn is not None]
+            onednn = m.lrinfer_onednn
+            shape = list(m.V.shape) if onednn is None else [onednn[0].k, onednn[0].n]
+            out[name] = [type(method).__name__, [list(r) for r in method.ranks], onednn is not None, shape,
+                         list(m.lrinfer_outs)]
     return out
 
 
 def generate(spec_path: str) -> dict:
-    """SPEC: {"models": {name: dir}, "prompts": [[ids]], "max_tokens": n, "dtype": "float32", "onednn": [name]};
-    models named in "onednn" run a second time with quantization="lrinfer_onednn" (as "<name>+onednn")."""
+    """SPEC: {"models": {name: dir}, "prompts": [[ids]], "max_tokens": n, "dtype": "float32",
+    "variants": {run name: [model name, quantization]}, "tensor_parallel_size": 1}: every model with the
+    quantization of its config.json, then every variant; one engine at a time. With a tensor-parallel size
+    above 1, vLLM's multiprocessing executor runs that many worker processes (the plugin in each); "layers"
+    is then one summary per rank."""
     import gc
 
     from vllm import LLM, SamplingParams
 
     spec = json.loads(open(spec_path).read())
+    tp = spec.get("tensor_parallel_size", 1)
     params = SamplingParams(temperature=0.0, max_tokens=spec["max_tokens"], ignore_eos=True)
     out = {}
     runs = [(name, path, None) for name, path in spec["models"].items()]
-    runs += [(f"{name}+onednn", spec["models"][name], "lrinfer_onednn") for name in spec.get("onednn", [])]
+    runs += [(run, spec["models"][model], q) for run, (model, q) in spec.get("variants", {}).items()]
     for name, path, quantization in runs:
+        t0 = time.time()
         llm = LLM(model=path, dtype=spec.get("dtype", "float32"), max_model_len=256, enforce_eager=True, seed=0,
-                  max_num_seqs=8, quantization=quantization)
+                  max_num_seqs=8, quantization=quantization, tensor_parallel_size=tp,
+                  distributed_executor_backend="mp" if tp > 1 else None)
+        t1 = time.time()
         cfg = llm.llm_engine.vllm_config
-        quant = cfg.model_config.quantization
         res = llm.generate([{"prompt_token_ids": ids} for ids in spec["prompts"]], params, use_tqdm=False)
-        out[name] = {"tokens": [list(r.outputs[0].token_ids) for r in res], "quantization": quant,
-                     "layers": llm.apply_model(layer_summary)[0]}
+        t2 = time.time()
+        out[name] = {"tokens": [list(r.outputs[0].token_ids) for r in res],
+                     "quantization": cfg.model_config.quantization, "tp": cfg.parallel_config.tensor_parallel_size,
+                     "layers": llm.apply_model(layer_summary), "start_s": round(t1 - t0, 1),
+                     "generate_s": round(t2 - t1, 1)}
         del llm
         gc.collect()
     return out
@@ -141,10 +157,15 @@ def tp() -> dict:
     return {"worlds": checked}
 
 
+def platform() -> dict:
+    import lrinfer.runtime.vllm_plugin as plugin
+    return {"onednn": plugin.onednn_available()}
+
+
 if __name__ == "__main__":
-    # one process for several jobs (each vLLM start-up costs seconds): generate SPEC.json, tp
+    # one process for several jobs (each vLLM start-up costs seconds): generate SPEC.json, tp, platform
     args, result = sys.argv[1:], {}
     while args:
         cmd = args.pop(0)
-        result[cmd] = generate(args.pop(0)) if cmd == "generate" else tp()
+        result[cmd] = generate(args.pop(0)) if cmd == "generate" else tp() if cmd == "tp" else platform()
     print(json.dumps(result), flush=True)

