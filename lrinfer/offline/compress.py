@@ -22,7 +22,6 @@ from lrinfer.runtime.blocks import capture_inputs, run_block, to_device
 from lrinfer.runtime.checkpoint import CheckpointSpec, skeleton
 from lrinfer.runtime.nn import LowRankLinear, replace_module
 from lrinfer.runtime.streaming import BlockStreamer, InMemoryBlocks, block_source
-
 from .calibration import (collect_stats, fisher_information, linear_stages, output_gradient_energy,
                           output_gradient_grams, swapped_in)
 from .config import CompressConfig

@@ -42,7 +42,6 @@ import torch
 
 from lrinfer.errors import LrinferError
 from lrinfer.evaluation.perplexity import PerplexityConfig
-
 from .config import CompressConfig
 
 GiB = 1 << 30

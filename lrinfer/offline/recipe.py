@@ -18,15 +18,15 @@ from pathlib import Path
 import torch
 from torch import nn
 
-from lrinfer.runtime.checkpoint import atomic_write_bytes
-from .compress import CompressionResult, compress
-from .config import CompressConfig
 from lrinfer.errors import LrinferError
 from lrinfer.evaluation.perplexity import perplexity
 from lrinfer.factors import flatten_factors, unflatten_factors
-from lrinfer.runtime.nn import LowRankLinear, replace_module
 from lrinfer.offline.refinement.base import summarize as summarize_refinement
 from lrinfer.registry import parse_value
+from lrinfer.runtime.checkpoint import atomic_write_bytes
+from lrinfer.runtime.nn import LowRankLinear, replace_module
+from .compress import CompressionResult, compress
+from .config import CompressConfig
 from .resume import save_tensors
 
 log = logging.getLogger(__name__)

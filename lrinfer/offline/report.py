@@ -6,11 +6,11 @@ from pathlib import Path
 
 import torch
 
-from lrinfer.version import __version__
 from lrinfer.offline.allocation.base import achieved_ratio
+from lrinfer.offline.refinement.base import summarize as summarize_refinement
+from lrinfer.version import __version__
 from .compress import CompressionResult
 from .config import CompressConfig
-from lrinfer.offline.refinement.base import summarize as summarize_refinement
 
 
 FALLBACKS = {   # kind (see `solvers.linalg.fallback`) -> what it means, for the summary line

@@ -22,9 +22,9 @@ from pathlib import Path
 
 import torch
 
-from lrinfer.runtime.checkpoint import atomic_write_bytes
 from lrinfer.errors import LrinferError
 from lrinfer.factors import FactorPair, flatten_factors, unflatten_factors
+from lrinfer.runtime.checkpoint import atomic_write_bytes
 
 log = logging.getLogger(__name__)
 STATE = "state.json"

@@ -29,9 +29,9 @@ from transformers.quantizers import HfQuantizer, register_quantization_config, r
 from transformers.quantizers.auto import AUTO_QUANTIZATION_CONFIG_MAPPING, AUTO_QUANTIZER_MAPPING
 from transformers.utils.quantization_config import QuantizationConfigMixin
 
+from lrinfer.errors import CheckpointError
 from . import checkpoint
 from .checkpoint import MANIFEST, QUANT_METHOD, WEIGHTS, CheckpointSpec, read_manifest, skeleton, verify_files
-from lrinfer.errors import CheckpointError
 
 log = logging.getLogger(__name__)
 

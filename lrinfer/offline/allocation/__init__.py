@@ -6,5 +6,5 @@ to the singular values [min(in, out)] of W·L (L Lᵀ = XᵀX, dense-model input
 is registered with `needs_spectra=True`, else it is None; with `needs_sensitivity=True` it also gets
 `sensitivity`, each linear's output-gradient energy (`calibration.output_gradient_energy`).
 """
-from .base import Allocator, ALLOCATORS, register_allocator, get_allocator, achieved_ratio  # noqa: F401
 from . import uniform, drank, loss  # noqa: F401  (register; order = `lrinfer methods` order)
+from .base import Allocator, ALLOCATORS, register_allocator, get_allocator, achieved_ratio  # noqa: F401

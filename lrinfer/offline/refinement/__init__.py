@@ -8,5 +8,5 @@ states X̂ entering the block and `targets` the dense block's outputs on the den
 [batch, T, hidden], one per calibration batch, with their `calls`). It returns what it did, for the
 report (at least the block's relative output error before and after).
 """
-from .base import REFINERS, register_refiner, get_refiner, summarize  # noqa: F401
 from . import blockfit  # noqa: F401  (register; order = `lrinfer methods` order)
+from .base import REFINERS, register_refiner, get_refiner, summarize  # noqa: F401

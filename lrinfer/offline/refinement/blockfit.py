@@ -28,8 +28,8 @@ import time
 
 import torch
 
-from lrinfer.runtime.blocks import BlockCall, first_tensor
 from lrinfer.errors import LrinferError
+from lrinfer.runtime.blocks import BlockCall, first_tensor
 from .base import register_refiner
 
 
