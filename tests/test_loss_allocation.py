@@ -7,8 +7,8 @@ import torch
 
 import lrinfer
 from lrinfer.errors import LrinferError
-from lrinfer.offline.allocation.base import achieved_ratio, get_allocator
-from lrinfer.offline.allocation.loss import break_even, envelope, greedy_steps
+from lrinfer.offline.allocation.base import achieved_ratio, break_even, get_allocator
+from lrinfer.offline.allocation.loss import envelope, greedy_steps
 from lrinfer.offline.calibration import output_gradient_energy, output_gradient_grams
 from lrinfer.runtime.architecture import LinearInfo
 from ._tiny import tiny_llama
@@ -117,3 +117,4 @@ def test_linears_at_break_even_stay_dense():
         ranks = loss_alloc(lins, 0.2, multiple, spectra, loud)
         assert not any(f.name in ranks for f in lins if f.kind == "k_proj")
         assert achieved_ratio(lins, ranks) >= 0.2 - 1e-9
+

@@ -26,6 +26,11 @@ def get_allocator(name: str) -> Allocator:
     return ALLOCATORS.lookup(name)
 
 
+def break_even(in_features: int, out_features: int) -> int:
+    """The largest rank whose factor pair holds no more parameters than the dense [out, in] matrix."""
+    return max(1, in_features * out_features // (in_features + out_features))
+
+
 def achieved_ratio(linears: list[LinearInfo], ranks: dict[str, int]) -> float:
     """Fraction of all `linears`' parameters removed by `ranks` (a missing name stays dense)."""
     total = sum(f.dense_params for f in linears)

@@ -35,7 +35,7 @@ import math
 import torch
 
 from lrinfer.errors import LrinferError
-from .base import register_allocator
+from .base import break_even, register_allocator
 
 
 def effective_rank(s: torch.Tensor) -> float:
@@ -163,7 +163,7 @@ def allocate(linears, ratio: float, multiple: int, spectra, *, tax: float | None
     if missing:
         raise LrinferError(f"drank: no spectrum for {missing[:3]}{'…' if len(missing) > 3 else ''}")
     w = {f.name: f.in_features + f.out_features for f in linears}
-    kmax = {f.name: max(1, f.in_features * f.out_features // (f.in_features + f.out_features)) for f in linears}
+    kmax = {f.name: break_even(f.in_features, f.out_features) for f in linears}
     kind = {f.name: f.kind for f in linears}
     reff = {f.name: effective_rank(spectra[f.name]) for f in linears}
 

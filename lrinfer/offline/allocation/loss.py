@@ -34,14 +34,9 @@ import logging
 import torch
 
 from lrinfer.errors import LrinferError
-from .base import register_allocator
+from .base import break_even, register_allocator
 
 log = logging.getLogger(__name__)
-
-
-def break_even(in_features: int, out_features: int) -> int:
-    """The largest rank whose factors hold no more parameters than the dense matrix."""
-    return max(1, in_features * out_features // (in_features + out_features))
 
 
 def envelope(steps: list[tuple[float, float]]) -> list[tuple[float, float, int]]:
@@ -97,16 +92,16 @@ def allocate_loss(linears, ratio: float, multiple: int, spectra, sensitivity, *,
     if missing:
         raise LrinferError(f"loss allocation: no spectrum or sensitivity for {missing[:3]}")
     budget = (1.0 - ratio) * sum(f.dense_params for f in linears)
-    start, steps = {}, {}
+    start, steps, energy = {}, {}, {}
     for f in linears:
         w = f.in_features + f.out_features
         cap = break_even(f.in_features, f.out_features)
         cap = cap if cap < multiple else cap // multiple * multiple
         k0 = start[f.name] = min(min_rank or multiple, cap)
-        energy = spectra[f.name].double().pow(2) * float(sensitivity[f.name])
+        e = energy[f.name] = spectra[f.name].double().pow(2) * float(sensitivity[f.name])
         bounds = list(range(k0, cap + 1, multiple))
-        steps[f.name] = [(float(energy[a:b].sum()), float(multiple * w)) for a, b in zip(bounds, bounds[1:])]
-        steps[f.name].append((float(energy[bounds[-1]:].sum()), float(f.dense_params - bounds[-1] * w)))  # dense
+        steps[f.name] = [(float(e[a:b].sum()), float(multiple * w)) for a, b in zip(bounds, bounds[1:])]
+        steps[f.name].append((float(e[bounds[-1]:].sum()), float(f.dense_params - bounds[-1] * w)))  # dense
     floor = sum(start[f.name] * (f.in_features + f.out_features) for f in linears)
     if floor > budget + 1e-6:
         raise LrinferError(f"loss allocation: the minimum ranks alone hold {floor:.0f} parameters, more than the "
@@ -117,7 +112,7 @@ def allocate_loss(linears, ratio: float, multiple: int, spectra, sensitivity, *,
         n = taken[f.name]
         if n < len(steps[f.name]):            # the last step is "dense": absent from the ranks
             ranks[f.name] = start[f.name] + n * multiple
-    left = sum(float(spectra[n].double().pow(2)[k:].sum()) * float(sensitivity[n]) for n, k in ranks.items())
+    left = sum(float(energy[n][k:].sum()) for n, k in ranks.items())
     log.info("loss allocation: modelled loss increase %.4g (½ Σ a·E), within %.3g of the LP optimum; "
              "%d of %d linears left dense", left / 2, gap / 2, len(linears) - len(ranks), len(linears))
     return ranks
