@@ -118,3 +118,20 @@ def test_linears_at_break_even_stay_dense():
         assert not any(f.name in ranks for f in lins if f.kind == "k_proj")
         assert achieved_ratio(lins, ranks) >= 0.2 - 1e-9
 
+
+def test_energy_from_the_grams_is_the_backward_pass_energy(monkeypatch):
+    """kfac + loss: the energies are read from the Grams' traces, so the whole-model backward runs once."""
+    model = tiny_llama(layers=2, seed=5)
+    ids = torch.randint(0, 128, (3, 16), generator=torch.Generator().manual_seed(2))
+    names = ["model.layers.0.self_attn.q_proj", "model.layers.1.mlp.up_proj"]
+    direct = output_gradient_energy(model, names, ids)
+    from_grams = output_gradient_energy(model, names, ids, grams=output_gradient_grams(model, names, ids))
+    for n in names:
+        assert from_grams[n] == pytest.approx(direct[n], rel=1e-5)
+    import lrinfer.offline.calibration as cal
+    passes = []
+    real = cal._output_gradients
+    monkeypatch.setattr(cal, "_output_gradients", lambda *a, **k: passes.append(k["gram"]) or real(*a, **k))
+    config = lrinfer.CompressConfig(method="kfac", ratio=0.3, allocation="loss", batch_size=4, rank_multiple=4)
+    lrinfer.compress(tiny_llama(layers=2, seed=0), config, ids, progress=False)
+    assert passes == [True]

@@ -315,12 +315,16 @@ def output_gradient_grams(model: nn.Module, names: list[str], input_ids: torch.T
 
 
 def output_gradient_energy(model: nn.Module, names: list[str], input_ids: torch.Tensor,
-                           batch_size: int = 1) -> dict[str, float]:
+                           batch_size: int = 1, grams: dict[str, torch.Tensor] | None = None) -> dict[str, float]:
     """Mean over calibration tokens and output units of g² for each named linear: tr(Σ g gᵀ) / (N·out),
-    the trace of `output_gradient_grams` per output unit and token, without forming the Grams. It
-    weighs a linear's output error in a second-order model of the loss (allocation `loss`)."""
-    with _in_float32(model):
-        sums = _output_gradients(model, names, input_ids, batch_size, gram=False)
+    the trace of `output_gradient_grams` per output unit and token. It weighs a linear's output error in
+    a second-order model of the loss (allocation `loss`). With `grams` (those Grams, already taken on
+    `input_ids`) it reads their traces; otherwise one backward pass sums g² without forming them."""
+    if grams is None:
+        with _in_float32(model):
+            sums = _output_gradients(model, names, input_ids, batch_size, gram=False)
+    else:
+        sums = {n: grams[n].double().trace() for n in names}
     tokens = input_ids.shape[0] * (input_ids.shape[1] - 1)
     return {n: float(v) / (tokens * model.get_submodule(n).out_features) for n, v in sums.items()}
 

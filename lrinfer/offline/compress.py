@@ -144,6 +144,7 @@ def compress(model: nn.Module, config: CompressConfig, calib_ids: torch.Tensor, 
     if work and not saved:
         work.start()
 
+    grad_grams: dict[str, torch.Tensor] = {}
     if saved:
         ranks = saved.ranks
     else:
@@ -156,8 +157,12 @@ def compress(model: nn.Module, config: CompressConfig, calib_ids: torch.Tensor, 
                               stream_device)
             spectra = _spectra(source, streams_, selected, progress, device)
             del streams_
-        sensitivity = ((output_gradient_energy(model, [f.name for f in selected], calib_ids, 1),)
-                       if allocator.needs_sensitivity else ())
+        sensitivity = ()
+        if allocator.needs_sensitivity:
+            names = [f.name for f in selected]
+            if "grad_gram" in solver.needs:   # one backward serves both: the energies are the Grams' traces
+                grad_grams = output_gradient_grams(model, names, calib_ids, 1)
+            sensitivity = (output_gradient_energy(model, names, calib_ids, 1, grad_grams or None),)
         ranks = allocator(selected, inner_ratio, config.rank_multiple, spectra, *sensitivity,
                           **config.allocation_options)
     fisher = (fisher_information(model, list(ranks), calib_ids, config.batch_size)   # squares per batch:
@@ -165,7 +170,9 @@ def compress(model: nn.Module, config: CompressConfig, calib_ids: torch.Tensor, 
     # output gradients one sequence at a time: per-token gradients of the summed NLL, so the same Grams,
     # without a batch of activations kept for the backward (SmolLM2, 8 × 512 tokens: peak RSS 9.36 GiB
     # at batch 8, 2.86 GiB at batch 1; CPU time 50.0 → 42.6 s)
-    grad_grams = output_gradient_grams(model, list(ranks), calib_ids, 1) if "grad_gram" in solver.needs else {}
+    if "grad_gram" in solver.needs and not grad_grams:
+        grad_grams = output_gradient_grams(model, list(ranks), calib_ids, 1)
+    grad_grams = {n: g for n, g in grad_grams.items() if n in ranks}   # linears left dense need none
 
     with torch.no_grad():
         streams = _place(capture_inputs(model, source.blocks, calib_ids, config.batch_size, device), stream_device)
