@@ -106,3 +106,33 @@ def test_blockfit_micro_batches_lower_the_error():
     with pytest.raises(lrinfer.LrinferError, match="batch"):
         lrinfer.compress(tiny_llama(layers=1), Recipe.parse("svdllm~blockfit:batch=-1").config(
             lrinfer.CompressConfig(ratio=0.4)), _ids(), progress=False)
+
+
+def test_blockfit_holdout_never_worsens_the_held_apart_sequences():
+    """The early stop keeps the factors of the step with the lowest error on the held-apart sequences:
+    never above the solved factors' error there; at a learning rate that wrecks the block, exactly
+    the solved factors."""
+    ids = _ids(n=8, seed=1)
+    solved = lrinfer.compress(tiny_llama(layers=2), lrinfer.CompressConfig(method="svdllm", ratio=0.4, rank_multiple=1,
+                                                                           batch_size=4), ids, progress=False)
+    for lr, wrecked in [(1e-3, False), (5.0, True)]:
+        model = tiny_llama(layers=2)
+        cfg = lrinfer.CompressConfig(method="svdllm", ratio=0.4, rank_multiple=1, batch_size=4, refinement="blockfit",
+                                     refinement_options={"steps": 16, "lr": lr, "holdout": 3, "check": 4})
+        res = lrinfer.compress(model, cfg, ids, progress=False)
+        for r in res.refinement.values():
+            assert r["heldout_after"] <= r["heldout_before"] and r["best_step"] in (0, 4, 8, 12, 16)
+        if wrecked:
+            assert {r["best_step"] for r in res.refinement.values()} == {0}
+            assert res.hidden_error[-1] == pytest.approx(solved.hidden_error[-1], rel=1e-5)
+        else:
+            assert any(r["best_step"] > 0 and r["heldout_after"] < r["heldout_before"]
+                       for r in res.refinement.values())
+
+
+def test_blockfit_holdout_errors():
+    for opts, says in [({"holdout": 8}, "holdout=8 leaves no calibration sequence"), ({"check": 0}, "check >= 1")]:
+        cfg = lrinfer.CompressConfig(method="svdllm", ratio=0.4, rank_multiple=1, batch_size=4, refinement="blockfit",
+                                     refinement_options={"steps": 2, **opts})
+        with pytest.raises(lrinfer.LrinferError, match=says):
+            lrinfer.compress(tiny_llama(layers=1), cfg, _ids(n=8), progress=False)

@@ -91,7 +91,9 @@ def format_summary(report: dict) -> str:
     if refined := summarize_refinement(report.get("refinement", {}).get("per_block", {}).values()):
         lines.append(f"refinement ({report['refinement']['method']}): block output error "
                      f"{refined['error_before']:.4f} -> {refined['error_after']:.4f} (mean over "
-                     f"{refined['blocks']} blocks); {refined['seconds']:.0f} s")
+                     f"{refined['blocks']} blocks)"
+                     + (f", on held-apart sequences {refined['heldout_before']:.4f} -> {refined['heldout_after']:.4f}"
+                        if "heldout_after" in refined else "") + f"; {refined['seconds']:.0f} s")
     if "recipe_search" in report:
         lines.append(f"recipe search ({report['recipe_search']['criterion']}):")
         for t in sorted(report["recipe_search"]["trials"], key=lambda t: t["heldout_ppl"]):

@@ -14,14 +14,16 @@ def get_refiner(name: str) -> Method:
 
 
 def summarize(reports) -> dict:
-    """Refiner reports of several blocks -> {"blocks", "error_before", "error_after" (means), "seconds"
-    (sum)}; {} when none refined."""
+    """Refiner reports of several blocks -> {"blocks", "error_before", "error_after" (and, with a
+    held-apart early stop, "heldout_before", "heldout_after"): means; "seconds": sum}; {} when none refined."""
     reps = [r for r in reports if "error_before" in r]
     if not reps:
         return {}
-    return {"blocks": len(reps), "error_before": sum(r["error_before"] for r in reps) / len(reps),
-            "error_after": sum(r["error_after"] for r in reps) / len(reps),
-            "seconds": sum(r.get("seconds", 0.0) for r in reps)}
+    out = {"blocks": len(reps), "seconds": sum(r.get("seconds", 0.0) for r in reps)}
+    for key in ("error_before", "error_after", "heldout_before", "heldout_after"):
+        if all(key in r for r in reps):
+            out[key] = sum(r[key] for r in reps) / len(reps)
+    return out
 
 
 @register_refiner("none", summary="no refinement: the solver's factors as they are")
