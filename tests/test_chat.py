@@ -7,7 +7,7 @@ import torch
 
 from lrinfer.evaluation.chat import (ChatEval, chat_prompt_ids, evaluate_chat, generate_batch, load_questions,
                                      score_answer)
-from lrinfer.offline.calibration_data import load_calibration_prompts
+from lrinfer.offline.calibration_data import chat_calibration, load_calibration_prompts
 from lrinfer.cli import main
 from lrinfer.offline.calibration_data import CHAT_MODEL_CALIB, calibration_batch, calibration_split, resolve_calib
 from lrinfer.errors import LrinferError
@@ -131,9 +131,17 @@ def test_mix_alternates_chat_and_wikitext(chat_model, data_dir):
     assert mixed.shape == (4, 32) and desc.startswith("mix: 2 samples of chat")
     assert [int(r[0]) == start for r in mixed] == [True, False, True, False]
     assert torch.equal(mixed[1::2], plain)
-    calib, held, desc = calibration_split(tok, "mix", 4, 32, 2, data_dir=data_dir, model=model, progress=False)
-    assert calib.shape == (4, 32) and held.shape == (2, 32) and torch.equal(calib[::2], mixed[::2])
-    assert desc.startswith("mix: 2 samples of chat") and "held apart" in desc   # the search scores on WikiText-2
+    # the search's split: chat rows on the first 90% of the prompts; held apart, WikiText-2 windows from
+    # the last 10% of the text and conversations on the last 10% of the prompts, in the mix's shares
+    calib, held, desc = calibration_split(tok, "mix", 4, 32, 4, data_dir=data_dir, model=model, progress=False)
+    prompts = load_calibration_prompts()
+    split = int(len(prompts) * 0.9)
+    fit_chat = chat_calibration(model, tok, 2, 32, 0, prompts=prompts[:split], progress=False)
+    held_chat = chat_calibration(model, tok, 2, 32, 1, prompts=prompts[split:], progress=False)
+    assert calib.shape == (4, 32) and held.shape == (4, 32)
+    assert torch.equal(calib[::2], fit_chat) and not any(int(r[0]) == start for r in calib[1::2])
+    assert [int(r[0]) == start for r in held] == [False, False, True, True] and torch.equal(held[2:], held_chat)
+    assert desc.startswith("mix: 2 samples of chat") and "held apart: 2 windows" in desc and "2 of the conversations" in desc
 
 
 def test_auto_calibration_follows_the_chat_template(chat_model, tiny_model):

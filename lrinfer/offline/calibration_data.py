@@ -52,12 +52,12 @@ def resolve_calib(source: str, tokenizer, can_generate: bool = True) -> str:
 
 
 def _chat_part(model, tokenizer, source: str, n_samples: int, seq_len: int, seed: int, plain: torch.Tensor | None,
-               plain_desc: str, progress: bool = True) -> tuple[torch.Tensor, str]:
+               plain_desc: str, progress: bool = True, prompts: list[str] | None = None) -> tuple[torch.Tensor, str]:
     """`chat`: n_samples conversations; `mix`: chat rows alternating with the `plain` rows."""
     if model is None:
         raise LrinferError(f"calibration source '{source}' needs the model (it writes the conversations)")
     n_chat = n_samples if plain is None else n_samples - plain.shape[0]
-    chat = chat_calibration(model, tokenizer, n_chat, seq_len, seed, progress=progress)
+    chat = chat_calibration(model, tokenizer, n_chat, seq_len, seed, prompts=prompts, progress=progress)
     desc = "chat: the model's own answers to lrinfer/evaluation/tasks/chat_calib_prompts.txt through its chat template"
     if plain is None or plain.shape[0] == 0:
         return chat, desc
@@ -107,7 +107,9 @@ def calibration_split(tokenizer, source: str, n_samples: int, seq_len: int, held
     """Calibration windows [n_samples, seq_len] drawn at random from the first 90% of the text, and
     `heldout` non-overlapping windows [heldout, seq_len] from the last 10%, for choosing between
     recipes without touching any evaluation split. "chat"/"mix": the chat rows as in
-    `calibration_batch`; the plain rows and the held-apart windows from WikiText-2."""
+    `calibration_batch`, the plain rows from WikiText-2, and the held-apart windows both kinds in the
+    same shares (for "mix": WikiText-2 windows, then the model's conversations on the last 10% of the
+    chat prompts, which the calibration rows never answer), so the search's score sees chat too."""
     check_calib_source(source)
     source = resolve_calib(source, tokenizer, can_generate=model is not None)
     if source == "self":
@@ -122,12 +124,20 @@ def calibration_split(tokenizer, source: str, n_samples: int, seq_len: int, held
     n_plain = 0 if source == "chat" else _n_plain(source, n_samples)
     starts = torch.randint(0, cut - seq_len, (n_plain,), generator=gen)
     calib = torch.stack([ids[s:s + seq_len] for s in starts.tolist()]) if n_plain else ids[:0].view(0, seq_len)
-    held = ids[cut: cut + heldout * seq_len].view(heldout, seq_len)
-    if source in CHAT_SOURCES:
-        calib, chat_desc = _chat_part(model, tokenizer, source, n_samples, seq_len, seed,
-                                      calib if source == "mix" else None, desc, progress)
-        return calib, held, f"{chat_desc}; held apart: {desc}"
-    return calib, held, desc
+    if source not in CHAT_SOURCES:
+        return calib, ids[cut: cut + heldout * seq_len].view(heldout, seq_len), desc
+    prompts = load_calibration_prompts()
+    split = int(len(prompts) * 0.9)
+    if split < 1 or split == len(prompts):
+        raise LrinferError(f"{CALIB_PROMPTS_FILE} holds {len(prompts)} prompts: too few to hold 10% apart")
+    calib, chat_desc = _chat_part(model, tokenizer, source, n_samples, seq_len, seed,
+                                  calib if source == "mix" else None, desc, progress, prompts=prompts[:split])
+    n_held_chat = heldout - (_n_plain(source, heldout) if source == "mix" else 0)
+    held = torch.cat([ids[cut: cut + (heldout - n_held_chat) * seq_len].view(-1, seq_len),
+                      chat_calibration(model, tokenizer, n_held_chat, seq_len, seed + 1, prompts=prompts[split:],
+                                       progress=progress) if n_held_chat else ids[:0].view(0, seq_len)])
+    return calib, held, (f"{chat_desc} (the first {split} prompts); held apart: {heldout - n_held_chat} windows of "
+                         f"{desc}, {n_held_chat} of the conversations on the last {len(prompts) - split} prompts")
 
 
 @torch.no_grad()
