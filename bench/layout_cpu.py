@@ -4,12 +4,17 @@ batch 1, CPU time (process_time) so that other load on a shared machine does not
 
     OMP_NUM_THREADS=1 python bench/layout_cpu.py --linears                  # SmolLM2's 210 linears only
     OMP_NUM_THREADS=1 python bench/layout_cpu.py out/s20 out/s40 --repeats 15   # whole decode steps
+    OMP_NUM_THREADS=1 python bench/layout_cpu.py out/s40 --parts              # where a step's time goes
 
 --linears: all 210 linears of SmolLM2-135M (30 layers of q, k, v, o 576→576/192, gate, up 576→1536,
 down 1536→576), distinct random weights at the ranks `lrinfer compress` emits for --ratios, one token
 through all of them per step (weights stream from memory, as in decode). Checkpoints: dense SmolLM2
 and every checkpoint twice, V as loaded and V copied to [k, in], one `lrinfer bench` run (128-token
-prompt, 64 decode steps, static cache) of each in turn, the order reversed every repeat. Prints only.
+prompt, 64 decode steps, static cache) of each in turn, the order reversed every repeat. --parts:
+dense, each checkpoint as loaded, and dense with every decoder linear replaced by a stub that returns a
+preallocated output (the rest of the step: attention, norms, embeddings, the head); prints the
+linears' share of the step and the step speed-up the checkpoint would reach if its linears ran at
+the bytes' ratio. Prints only.
 """
 import argparse
 import statistics
@@ -85,14 +90,61 @@ def checkpoints(dirs, repeats: int) -> dict:
     return _alternate({k: (lambda r=r: r.run()[3] / r.new_tokens * 1e3) for k, r in runners.items()}, repeats)
 
 
+class _Stub(torch.nn.Module):
+    """A linear that costs nothing: returns a preallocated zero output of the right shape."""
+    def __init__(self, out_features: int):
+        super().__init__()
+        self.out_features, self.outs = out_features, {}
+
+    def forward(self, x):
+        shape = (*x.shape[:-1], self.out_features)
+        if shape not in self.outs:
+            self.outs[shape] = x.new_zeros(shape)
+        return self.outs[shape]
+
+
+def parts(dirs, repeats: int) -> None:
+    from lrinfer.evaluation.benchmark import Runner
+    from lrinfer.runtime.models import load_model
+    from lrinfer.runtime.nn import LowRankLinear
+
+    def linear_bytes(model):
+        return sum(p.numel() * p.element_size() for m in model.model.layers.modules()
+                   if isinstance(m, (torch.nn.Linear, LowRankLinear)) for p in m.parameters())
+
+    models = {"dense": load_model("smollm2", torch.float32, "cpu")[0]}
+    stub = load_model("smollm2", torch.float32, "cpu")[0]
+    for name, m in list(stub.model.layers.named_modules()):
+        if isinstance(m, torch.nn.Linear):
+            parent, _, child = name.rpartition(".")
+            setattr(stub.model.layers.get_submodule(parent), child, _Stub(m.out_features))
+    models["without linears"] = stub
+    models.update({d: load_model(d, torch.float32, "cpu")[0] for d in dirs})
+    runners = {k: Runner(m, 1, 128, 64) for k, m in models.items()}
+    for r in runners.values():
+        r.warm_up()
+    times = _alternate({k: (lambda r=r: r.run()[3] / r.new_tokens * 1e3) for k, r in runners.items()}, repeats)
+    med = {k: statistics.median(v) for k, v in times.items()}
+    rest, dense = med["without linears"], med["dense"]
+    print(f"{'dense':28s} {dense:7.2f} CPU ms per step; linears {dense - rest:.2f}, the rest {rest:.2f}")
+    for d in dirs:
+        lin, ideal = med[d] - rest, linear_bytes(models["dense"]) / linear_bytes(models[d])
+        print(f"{d:28s} {med[d]:7.2f} CPU ms per step ({dense / med[d]:.3f}x); linears {lin:.2f} "
+              f"({(dense - rest) / lin:.3f}x dense's, bytes allow {ideal:.3f}x); at the bytes' ratio the step "
+              f"would be {dense / (rest + (dense - rest) / ideal):.3f}x")
+
+
 def main(argv=None) -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("dirs", nargs="*", help="SmolLM2 checkpoints to decode (with dense SmolLM2)")
     ap.add_argument("--linears", action="store_true", help="the 210 linears alone, random weights")
     ap.add_argument("--ratios", type=float, nargs="+", default=[0.2, 0.4])
     ap.add_argument("--repeats", type=int, default=9)
+    ap.add_argument("--parts", action="store_true", help="the step without its decoder linears, beside each checkpoint")
     args = ap.parse_args(argv)
     torch.set_num_threads(1)
+    if args.parts:
+        return parts(args.dirs, args.repeats)
     times = linears(args.ratios, args.repeats) if args.linears or not args.dirs else checkpoints(args.dirs, args.repeats)
     dense = statistics.median(times["dense"])
     for k, v in times.items():
