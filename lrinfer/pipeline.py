@@ -28,7 +28,8 @@ from lrinfer.offline.calibration_data import NEEDS_MODEL, calibration_batch, cal
 from lrinfer.offline.compress import CompressionResult, compress
 from lrinfer.offline.config import CompressConfig
 from lrinfer.offline.plan import MemoryPlan, check_streams, compress_plan, peak_rss
-from lrinfer.offline.recipe import Recipe, Screening, SearchResult, apply_result, check_candidates, search
+from lrinfer.offline.recipe import (Recipe, Screening, SearchResult, apply_result, check_candidates,
+                                   default_candidates, search)
 from lrinfer.offline.report import compression_report, dir_bytes, unique_params
 from lrinfer.offline.resume import WorkDir
 from lrinfer.offline.solvers.linalg import collect_fallbacks
@@ -160,17 +161,30 @@ def _plan_and_load(job: CompressJob, show_plan: Callable[[MemoryPlan], None]):
     eval_kw = {} if ev is None else {"eval_windows": ev.windows or 64, "eval_seq_len": ev.seq_len,
                                      "eval_batch_size": ev.batch_size}
     stream = _read_block_by_block(job, device, dtype, eval_kw)
-    plan = compress_plan(job.model, job.config, device, dtype, stream, job.streams, **eval_kw)
+    plan = _largest_plan(job, device, dtype, stream, **eval_kw)
     if plan is not None:
         show_plan(plan)
         plan.check()
     model, tok, source = load_model(job.model, dtype, device, stream=stream)
     blocks = block_source(model)
     if plan is None or plan.streaming != blocks.streamed:    # now from the loaded model's config
-        plan = compress_plan(job.model, job.config, device, blocks.dtype, blocks.streamed, job.streams,
-                             model_config=model.config, **eval_kw)
+        plan = _largest_plan(job, device, blocks.dtype, blocks.streamed, model_config=model.config, **eval_kw)
         show_plan(plan)
     return model, tok, source, plan
+
+
+def _largest_plan(job: CompressJob, device, dtype, stream: bool, **kw) -> MemoryPlan | None:
+    """The memory plan of the compression; of a search, the plan of its largest candidate (noted)."""
+    if job.search is None:
+        return compress_plan(job.model, job.config, device, dtype, stream, job.streams, **kw)
+    candidates = job.search.recipes() or default_candidates(job.config.ratio)
+    plans = [compress_plan(job.model, c.config(job.config), device, dtype, stream, job.streams, **kw)
+             for c in candidates]
+    if not plans or plans[0] is None:
+        return None
+    plan = max(plans, key=lambda p: (p.device_peak, p.host_peak))
+    plan.notes.append(f"the recipe search's largest candidate ({plan.method}) of {len(plans)}")
+    return plan
 
 
 def _candidates(job: CompressJob) -> list[Recipe] | None:
