@@ -255,7 +255,7 @@ def search(dense: nn.Module, base: CompressConfig, calib_ids: torch.Tensor, held
     if result is None:   # the winner finished in an earlier, interrupted run: reload its factors
         result = _reload(dense, base, work / f"{winner.slug}.safetensors")
         result.hidden_error = [best["hidden_error"]]
-    criterion = (f"WikiText-style perplexity on {heldout_ids.shape[0]} held-apart calibration windows "
+    criterion = (f"perplexity on {heldout_ids.shape[0]} held-apart calibration windows "
                  f"of {heldout_ids.shape[1]} tokens (never the evaluation split)")
     if len(full) < len(candidates):
         criterion += (f"; screened first on {min(screening.samples, calib_ids.shape[0])} calibration samples "
