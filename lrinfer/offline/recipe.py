@@ -131,21 +131,19 @@ def methods_catalog() -> dict:
             "refinement": {n: entry(m) for n, m in REFINERS.items()}}
 
 
-LAST_CAP_FACTORS = (1.25, 1.5)   # per-layer cap of the last-layer selection, × the overall ratio
+LAST_CAP_FACTOR = 1.5   # per-layer cap of the last-layer SAES candidate, × the overall ratio
 
 
 def default_candidates(ratio: float = 0.2, refinement: str = "blockfit") -> list[Recipe]:
-    """The stated search space, each refined by `refinement` (the screening round compares them without it):
-    SVD-LLM as the reference; SAES with D-Rank ranks; SAES on ResSVD's last-layer selection at per-layer
-    caps of 1.25 and 1.5 × `ratio` (those below 0.95; at 20%: 0.25 and 0.3), and with D-Rank at 1.5 ×;
-    KFAC and KFAC-SAES (both sides whitened) with the loss-model allocation, which also leaves linears
-    dense where factoring buys nothing. Dropped after earlier searches never chose them (docs/results.md,
-    "The cheap search"): SAES with uniform ranks on all layers, ResSVD as published, last-layer caps of
-    2.25 and 3 ×."""
-    caps = [round(ratio * f, 4) for f in LAST_CAP_FACTORS if ratio * f < 0.95]
-    out = [Recipe("svdllm"), Recipe("saes", allocation="drank")]
-    out += [Recipe("saes", "last", selection_options={"cap": cap}) for cap in caps]
-    if (cap := round(ratio * 1.5, 4)) in caps:
+    """The stated search space, each refined by `refinement` (the screening round compares them without
+    it): SVD-LLM as the reference; SAES + D-Rank on ResSVD's last-layer selection at a per-layer cap of
+    1.5 × `ratio` (when below 0.95; the best SAES recipe of earlier searches); KFAC and KFAC-SAES (both
+    sides whitened) with the loss-model allocation, which also leaves linears dense where factoring buys
+    nothing. Dropped after the searches of docs/results.md ("`--method auto` with KFAC"), where each
+    screened far behind KFAC + loss at 20% and 40% and none was ever chosen: SAES with uniform or D-Rank
+    ranks on all layers, ResSVD as published, and the other last-layer caps (1.25, 2.25, 3 ×)."""
+    out = [Recipe("svdllm")]
+    if (cap := round(ratio * LAST_CAP_FACTOR, 4)) < 0.95:
         out.append(Recipe("saes", "last", "drank", selection_options={"cap": cap}))
     out += [Recipe("kfac", allocation="loss"), Recipe("kfac-saes", allocation="loss")]
     return [replace(r, refinement=refinement) for r in out]
