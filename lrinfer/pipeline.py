@@ -114,7 +114,7 @@ def run(job: CompressJob, show_plan: Callable[[MemoryPlan], None] | None = None)
     out, ev = job.out_dir(), job.evaluation
     out_dtype = torch_dtype(job.dtype) if job.dtype is not None else None   # checked before the model loads
     candidates = _candidates(job)
-    model, tok, source, plan = _plan_and_load(job, show_plan)
+    model, tok, source, plan = _plan_and_load(job, candidates, show_plan)
     blocks = block_source(model)
     config = replace(job.config, calib=resolve_calib(job.config.calib, tok, can_generate=not blocks.streamed))
     prepare_out_dir(out, source, job.overwrite)              # fail before the long work, not after
@@ -152,7 +152,7 @@ def run(job: CompressJob, show_plan: Callable[[MemoryPlan], None] | None = None)
     return PipelineResult(out, report)
 
 
-def _plan_and_load(job: CompressJob, show_plan: Callable[[MemoryPlan], None]):
+def _plan_and_load(job: CompressJob, candidates: list[Recipe] | None, show_plan: Callable[[MemoryPlan], None]):
     """The memory plan (shown, and checked before any weight is read when the source's config.json is at
     hand), then the model, read whole or block by block. Returns (model, tokenizer, source, plan)."""
     device = resolve_device(job.device)
@@ -161,23 +161,25 @@ def _plan_and_load(job: CompressJob, show_plan: Callable[[MemoryPlan], None]):
     eval_kw = {} if ev is None else {"eval_windows": ev.windows or 64, "eval_seq_len": ev.seq_len,
                                      "eval_batch_size": ev.batch_size}
     stream = _read_block_by_block(job, device, dtype, eval_kw)
-    plan = _largest_plan(job, device, dtype, stream, **eval_kw)
+    plan = _largest_plan(job, candidates, device, dtype, stream, **eval_kw)
     if plan is not None:
         show_plan(plan)
         plan.check()
     model, tok, source = load_model(job.model, dtype, device, stream=stream)
     blocks = block_source(model)
     if plan is None or plan.streaming != blocks.streamed:    # now from the loaded model's config
-        plan = _largest_plan(job, device, blocks.dtype, blocks.streamed, model_config=model.config, **eval_kw)
+        plan = _largest_plan(job, candidates, device, blocks.dtype, blocks.streamed, model_config=model.config,
+                             **eval_kw)
         show_plan(plan)
     return model, tok, source, plan
 
 
-def _largest_plan(job: CompressJob, device, dtype, stream: bool, **kw) -> MemoryPlan | None:
-    """The memory plan of the compression; of a search, the plan of its largest candidate (noted)."""
-    if job.search is None:
+def _largest_plan(job: CompressJob, candidates: list[Recipe] | None, device, dtype, stream: bool,
+                  **kw) -> MemoryPlan | None:
+    """The memory plan of the compression; of a search (`candidates`, from `_candidates`), the plan of
+    its largest candidate (noted)."""
+    if candidates is None:
         return compress_plan(job.model, job.config, device, dtype, stream, job.streams, **kw)
-    candidates = job.search.recipes() or default_candidates(job.config.ratio)
     plans = [compress_plan(job.model, c.config(job.config), device, dtype, stream, job.streams, **kw)
              for c in candidates]
     if not plans or plans[0] is None:
@@ -188,15 +190,15 @@ def _largest_plan(job: CompressJob, device, dtype, stream: bool, **kw) -> Memory
 
 
 def _candidates(job: CompressJob) -> list[Recipe] | None:
-    """The search's candidate recipes, checked against the base config (None: the default set)."""
+    """The search's candidate recipes (its own, or `default_candidates(ratio)`), checked against the base
+    config; None without a search."""
     if job.search is None:
         return None
     if job.search.heldout < 1:
         raise LrinferError(f"the recipe search scores recipes on held-apart windows: heldout must be >= 1 "
                            f"(--heldout); got {job.search.heldout}")
-    candidates = job.search.recipes()
-    if candidates is not None:
-        check_candidates(candidates, job.config, job.config.n_samples)
+    candidates = job.search.recipes() or default_candidates(job.config.ratio)
+    check_candidates(candidates, job.config, job.config.n_samples)
     return candidates
 
 

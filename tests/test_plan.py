@@ -71,16 +71,16 @@ def test_plan_command_prints_from_a_config(capsys):
 def test_a_search_plans_for_its_largest_candidate(tmp_path):
     """`--method auto` is planned at the peak of its dearest candidate (KFAC's output-gradient Grams, the
     whole model), not at the base config's; the plan names it."""
-    from lrinfer.pipeline import CompressJob, SearchOptions, _largest_plan
+    from lrinfer.pipeline import CompressJob, SearchOptions, _candidates, _largest_plan
     model = tmp_path / "llama"
     model.mkdir()
     (model / "config.json").write_text((CONFIGS / "llama-2-7b.json").read_text())
     base = lrinfer.CompressConfig(ratio=0.2)
-    kw = dict(device="cpu", dtype=None, stream=False)
-    plain = _largest_plan(CompressJob(model=str(model), config=base), **kw)
-    search = _largest_plan(CompressJob(model=str(model), config=base, search=SearchOptions()), **kw)
-    only_svdllm = _largest_plan(CompressJob(model=str(model), config=base, search=SearchOptions(candidates=["svdllm"])),
-                                **kw)
+
+    def plan(search=None):
+        job = CompressJob(model=str(model), config=base, search=search)
+        return _largest_plan(job, _candidates(job), device="cpu", dtype=None, stream=False)
+    plain, search, only_svdllm = plan(), plan(SearchOptions()), plan(SearchOptions(candidates=["svdllm"]))
     assert plain.method == "svdllm" and search.method in ("kfac", "kfac-saes")
     assert search.device_peak > plain.device_peak and "largest candidate" in search.notes[-1]
     assert only_svdllm.device_peak == plain.device_peak
