@@ -25,6 +25,9 @@ CHAT_MODEL_CALIB = "mix"
 
 MIX_CHAT_FRACTION = 0.5           # `mix`: this share of the samples are chat, the rest plain text
 
+SEARCH_FIT_SHARE = 0.9            # the search calibrates on this first share of the text (and of the chat
+                                  # prompts) and scores recipes on the rest
+
 
 def check_calib_source(source: str) -> None:
     """A calibration source is a known name or a file path (checked for existence when it is read);
@@ -116,7 +119,7 @@ def calibration_split(tokenizer, source: str, n_samples: int, seq_len: int, held
         raise LrinferError("the recipe search needs held-apart text; --calib self gives none (use another --calib)")
     text, desc = load_text("wikitext2" if source in CHAT_SOURCES else source, "calib", data_dir)
     ids = tokenize(tokenizer, text)
-    cut = int(ids.numel() * 0.9)
+    cut = int(ids.numel() * SEARCH_FIT_SHARE)
     if cut < seq_len + 1 or (ids.numel() - cut) // seq_len < heldout:
         raise LrinferError(f"{desc} has {ids.numel()} tokens: too few for {heldout} held-apart windows of "
                            f"{seq_len} tokens in its last 10%; lower --heldout or --calib-seq-len")
@@ -127,7 +130,7 @@ def calibration_split(tokenizer, source: str, n_samples: int, seq_len: int, held
     if source not in CHAT_SOURCES:
         return calib, ids[cut: cut + heldout * seq_len].view(heldout, seq_len), desc
     prompts = load_calibration_prompts()
-    split = int(len(prompts) * 0.9)
+    split = int(len(prompts) * SEARCH_FIT_SHARE)
     if split < 1 or split == len(prompts):
         raise LrinferError(f"{CALIB_PROMPTS_FILE} holds {len(prompts)} prompts: too few to hold 10% apart")
     calib, chat_desc = _chat_part(model, tokenizer, source, n_samples, seq_len, seed,
