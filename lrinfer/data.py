@@ -125,6 +125,15 @@ def packaged_text(name: str) -> tuple[str, str]:
     return raw.decode("utf-8"), f"{name}: {entry['title']}"
 
 
+TEXT_FILE_SUFFIXES = (".txt", ".jsonl", ".raw")
+
+
+def names_text_file(source: str) -> bool:
+    """`source` is a path to a text file (by its suffix, or because it exists), not a named source."""
+    path = Path(source).expanduser()
+    return path.suffix in TEXT_FILE_SUFFIXES or path.exists()
+
+
 def load_text(source: str, purpose: str, data_dir: Path | None = None) -> tuple[str, str]:
     """(text, description) for `source` in ("wikitext2", a packaged text of EVAL_TEXTS, a .txt/.jsonl path);
     purpose "calib" or "eval". The packaged texts are evaluation only: any other purpose is an error."""
@@ -134,8 +143,8 @@ def load_text(source: str, purpose: str, data_dir: Path | None = None) -> tuple[
         return _wikitext(purpose, data_dir)
     if source in EVAL_TEXTS:
         return packaged_text(source)
-    path = Path(source).expanduser()
-    if path.suffix in (".txt", ".jsonl", ".raw") or path.exists():
+    if names_text_file(source):
+        path = Path(source).expanduser()
         return _file_text(path), str(path)
     raise LrinferError(f"unknown data source '{source}'; use wikitext2, {', '.join(EVAL_TEXTS)} (evaluation only), "
                        "self, or a .txt/.jsonl file")
@@ -148,8 +157,7 @@ def eval_sources(spec: str) -> list[str]:
         raise LrinferError(f"--data names no evaluation text; use {', '.join(EVAL_SOURCES[:-2])} or a .txt/.jsonl "
                            "file, comma-separated")
     for name in names:
-        if name not in ("wikitext2", *EVAL_TEXTS) and Path(name).suffix not in (".txt", ".jsonl", ".raw") \
-                and not Path(name).expanduser().exists():
+        if name not in ("wikitext2", *EVAL_TEXTS) and not names_text_file(name):
             raise LrinferError(f"unknown evaluation text '{name}'; use {', '.join(EVAL_SOURCES[:-2])} or a "
                                ".txt/.jsonl file (comma-separated for several)")
     return names

@@ -11,7 +11,7 @@ from pathlib import Path
 import torch
 from tqdm.auto import tqdm
 
-from lrinfer.data import CHAT_SOURCES, SOURCES, eval_only_error, is_eval_text, load_text, tokenize
+from lrinfer.data import CHAT_SOURCES, SOURCES, eval_only_error, is_eval_text, load_text, names_text_file, tokenize
 from lrinfer.errors import LrinferError
 from lrinfer.evaluation.chat import TASK_DIR, chat_prompt_ids, generate_batch, has_template
 
@@ -35,7 +35,7 @@ def check_calib_source(source: str) -> None:
     if is_eval_text(source):
         raise eval_only_error(source)
     named = [x for x in SOURCES if not x.startswith("FILE")]
-    if source in named or Path(source).suffix in (".txt", ".jsonl", ".raw") or Path(source).expanduser().exists():
+    if source in named or names_text_file(source):
         return
     raise LrinferError(f"unknown calibration source '{source}'; use {', '.join(named)}, or a .txt/.jsonl file")
 
