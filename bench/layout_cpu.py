@@ -1,6 +1,7 @@
-"""Which layout of the shrink factor V decodes faster on the CPU: V [in, k] (the format's) or V
-stored [k, in] (an nn.Linear weight, computed as F.linear(F.linear(x, Vt), U)). One thread, float32,
-batch 1, CPU time (process_time) so that other load on a shared machine does not count.
+"""Which layout of the factors decodes faster on the CPU: row-major (the file's: V [in, k] and U
+[out, k] contiguous) or k-major (each the transpose of a contiguous [k, rows], what `LowRankLinear`
+keeps on the CPU, `lrinfer.runtime.nn.k_major`). One thread, float32, batch 1, CPU time
+(process_time) so that other load on a shared machine does not count.
 
     OMP_NUM_THREADS=1 python bench/layout_cpu.py --linears                  # SmolLM2's 210 linears only
     OMP_NUM_THREADS=1 python bench/layout_cpu.py out/s20 out/s40 --repeats 15   # whole decode steps
@@ -8,13 +9,14 @@ batch 1, CPU time (process_time) so that other load on a shared machine does not
 
 --linears: all 210 linears of SmolLM2-135M (30 layers of q, k, v, o 576→576/192, gate, up 576→1536,
 down 1536→576), distinct random weights at the ranks `lrinfer compress` emits for --ratios, one token
-through all of them per step (weights stream from memory, as in decode). Checkpoints: dense SmolLM2
-and every checkpoint twice, V as loaded and V copied to [k, in], one `lrinfer bench` run (128-token
-prompt, 64 decode steps, static cache) of each in turn, the order reversed every repeat. --parts:
-dense, each checkpoint as loaded, and dense with every decoder linear replaced by a stub that returns a
-preallocated output (the rest of the step: attention, norms, embeddings, the head); prints the
-linears' share of the step and the step speed-up the checkpoint would reach if its linears ran at
-the bytes' ratio. Prints only.
+through all of them per step (weights stream from memory, as in decode), each factor of each pair
+row-major or k-major, all four combinations through the library's math (`lowrank_linear_reference`,
+so only the strides differ). Checkpoints: dense SmolLM2 and every checkpoint twice, as loaded
+(k-major) and with its factors made row-major, one `lrinfer bench` run (128-token prompt, 64 decode
+steps, static cache) of each in turn, the order reversed every repeat. --parts: dense, each checkpoint
+as loaded, and dense with every decoder linear replaced by a stub that returns a preallocated output
+(the rest of the step: attention, norms, embeddings, the head); prints the linears' share of the step
+and the step speed-up the checkpoint would reach if its linears ran at the bytes' ratio. Prints only.
 """
 import argparse
 import statistics
@@ -23,17 +25,11 @@ import time
 import torch
 import torch.nn.functional as F
 
+from lrinfer.runtime.kernels import lowrank_linear_reference
+from lrinfer.runtime.nn import k_major
+
 SMOLLM2_LAYER = [(576, 576), (576, 192), (576, 192), (576, 576), (576, 1536), (576, 1536), (1536, 576)]
-
-
-def shrink_first(x, V, U, bias=None, V2=None, U2=None):
-    """(x V) Uᵀ for V [in, k] stored either way: F.linear over Vᵀ when V is a view of a [k, in] tensor."""
-    if V.stride(0) == 1 and V.shape[1] > 1:
-        y = F.linear(F.linear(x, V.t()), U, bias)
-        return y if V2 is None else y + F.linear(F.linear(x, V2.t()), U2)
-    y = (x @ V) @ U.t()
-    y = y if V2 is None else y + (x @ V2) @ U2.t()
-    return y if bias is None else y + bias
+LAYOUTS = {"row-major": lambda t: t.contiguous(), "k-major": k_major}
 
 
 def _alternate(runs: dict, repeats: int) -> dict:
@@ -53,14 +49,15 @@ def linears(ratios, repeats: int) -> dict:
     for r in ratios:
         pairs = [(torch.randn(i, rank_for_ratio(i, o, r, 16)), torch.randn(o, rank_for_ratio(i, o, r, 16)), i)
                  for _ in range(30) for i, o in SMOLLM2_LAYER]
-        sets[f"{r:g} V[in,k]"] = pairs
-        sets[f"{r:g} V[k,in]"] = [(V.t().contiguous().t(), U, i) for V, U, i in pairs]
+        for lv, fv in LAYOUTS.items():
+            for lu, fu in LAYOUTS.items():
+                sets[f"{r:g} V {lv}, U {lu}"] = [(fv(V), fu(U), i) for V, U, i in pairs]
 
     def step(ws, n=10):
         t0 = time.process_time()
         for _ in range(n):
             for *w, i in ws:
-                F.linear(xs[i], w[0]) if len(w) == 1 else shrink_first(xs[i], *w)
+                F.linear(xs[i], w[0]) if len(w) == 1 else lowrank_linear_reference(xs[i], *w)
         return (time.process_time() - t0) / n * 1e3
 
     with torch.no_grad():
@@ -68,22 +65,19 @@ def linears(ratios, repeats: int) -> dict:
 
 
 def checkpoints(dirs, repeats: int) -> dict:
-    import lrinfer.runtime.kernels.ops as ops
     from lrinfer.evaluation.benchmark import Runner
     from lrinfer.runtime.models import load_model
     from lrinfer.runtime.nn import lowrank_modules
-    ops.lowrank_linear_reference = shrink_first      # both layouts through one function
 
     models = {"dense": load_model("smollm2", torch.float32, "cpu")[0]}
     for d in dirs:
-        models[f"{d} V[in,k]"] = load_model(d, torch.float32, "cpu")[0]
-        kin = load_model(d, torch.float32, "cpu")[0]
-        for m in lowrank_modules(kin).values():
-            for n in ("V", "V2"):
-                if m._parameters.get(n) is not None:
-                    m._parameters[n] = torch.nn.Parameter(m._parameters[n].data.t().contiguous().t(),
-                                                          requires_grad=False)
-        models[f"{d} V[k,in]"] = kin
+        models[f"{d} k-major"] = load_model(d, torch.float32, "cpu")[0]
+        row = load_model(d, torch.float32, "cpu")[0]
+        for m in lowrank_modules(row).values():
+            for n in ("V", "U", "V2", "U2"):
+                if m._parameters.get(n) is not None:   # assigned parameters are kept as given
+                    setattr(m, n, torch.nn.Parameter(m._parameters[n].data.contiguous(), requires_grad=False))
+        models[f"{d} row-major"] = row
     runners = {k: Runner(m, 1, 128, 64) for k, m in models.items()}
     for r in runners.values():
         r.warm_up()

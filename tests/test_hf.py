@@ -67,18 +67,27 @@ def test_dtype_and_device_map(compressed, device_map):
 
 
 class DenseAllocations(TorchDispatchMode):
-    """Records every real (non-meta) tensor an aten op produces whose shape is one of `shapes`."""
+    """Records every real (non-meta) tensor an aten op allocates (views, in-place results are not) whose
+    shape is one of `shapes`. `factors_of(model)` drops those that became a loaded factor's storage:
+    on the CPU a factor V [in, k] is stored as a contiguous [k, in], which may share a dense shape."""
 
     def __init__(self, shapes):
         super().__init__()
-        self.shapes, self.seen = set(shapes), []
+        self.shapes, self.allocs = set(shapes), []
 
     def __torch_dispatch__(self, func, types, args=(), kwargs=None):
         out = func(*args, **(kwargs or {}))
-        for t in tree_flatten(out)[0]:
-            if isinstance(t, torch.Tensor) and t.device.type != "meta" and tuple(t.shape) in self.shapes:
-                self.seen.append((str(func), tuple(t.shape)))
+        inputs = {a.untyped_storage().data_ptr() for a in tree_flatten((args, kwargs))[0]
+                  if isinstance(a, torch.Tensor) and a.device.type != "meta"}
+        for t in tree_flatten(out)[0]:   # an output in an input's storage (a view, an in-place op) is no allocation
+            if (isinstance(t, torch.Tensor) and t.device.type != "meta" and tuple(t.shape) in self.shapes
+                    and t.untyped_storage().data_ptr() not in inputs):
+                self.allocs.append((str(func), tuple(t.shape), t.untyped_storage().data_ptr()))
         return out
+
+    def not_factors_of(self, model) -> list:
+        factors = {p.untyped_storage().data_ptr() for m in lowrank_modules(model).values() for p in m.parameters()}
+        return [(f, s) for f, s, ptr in self.allocs if ptr not in factors]
 
 
 def _dense_shapes(model, names):
@@ -92,21 +101,21 @@ def test_from_pretrained_never_allocates_dense_weights(compressed, monkeypatch):
                    for k in json.loads((path / MANIFEST).read_text())["tensors"])
     with DenseAllocations(shapes) as rec:
         loaded = AutoModelForCausalLM.from_pretrained(path, device_map="cpu")
-    assert rec.seen == []
+    assert rec.not_factors_of(loaded) == []
     assert all(isinstance(loaded.get_submodule(n), LowRankLinear) for n in result.ranks)
     # control: the recorder does see dense weights when the swap to LowRankLinear is skipped
     monkeypatch.setattr(lrinfer.runtime.hf.LrinferHfQuantizer, "_process_model_before_weight_loading",
                         lambda self, model, **kw: model)
     with DenseAllocations(shapes) as rec:
         AutoModelForCausalLM.from_pretrained(path, device_map="cpu")
-    assert {s for _, s in rec.seen} == shapes
+    assert {s for _, s, _ in rec.allocs} == shapes
 
 
 def test_load_checkpoint_never_allocates_dense_weights(compressed):
     model, path, result = compressed
     with DenseAllocations(_dense_shapes(model, result.ranks)) as rec:
-        lrinfer.load_checkpoint(path)
-    assert rec.seen == []
+        loaded, _ = lrinfer.load_checkpoint(path)
+    assert rec.not_factors_of(loaded) == []
 
 
 def test_checksum_mismatch_is_refused(compressed, tmp_path):

@@ -69,7 +69,50 @@ def test_padding_survives_to_and_load_state_dict(pad_on_cpu):
 
 def test_no_padding_off_the_pad_devices():
     m = lnn.LowRankLinear.from_factors(_pair(32, 24, 21, 0))
-    assert m.V.is_contiguous() and lnn.kernel_view(m.V).shape == (32, 21)
+    assert lnn.kernel_view(m.V).shape == (32, 21)
+
+
+def test_cpu_factors_are_k_major_wherever_lrinfer_lays_them_out(tmp_path):
+    """On the CPU a factor is stored k-major (the transpose of a contiguous [k, rows]), same values, as
+    built, copied into, converted, trained and loaded by `load_checkpoint`; an assigned parameter is kept
+    as given (a memory-mapped file's view must not be copied). The state dict keeps [rows, k]."""
+    pair = _pair(40, 56, 21, 5)
+    m = lnn.LowRankLinear.from_factors(pair, torch.randn(56))
+    copied = lnn.LowRankLinear(40, 56, 21, 5, bias=True)
+    copied.load_state_dict({k: v.contiguous() for k, v in m.state_dict().items()})
+    assigned = lnn.LowRankLinear(40, 56, 21, 5, bias=True, device="meta")
+    assigned.load_state_dict({k: v.contiguous() for k, v in m.state_dict().items()}, assign=True)
+    assert assigned.V.is_contiguous() and not lnn.is_k_major(assigned.V)
+    for mod in (m, copied, m.to(torch.float64), assigned.to(torch.float64), lnn.LowRankLinear(40, 56, 21, 5)):
+        for p in (mod.V, mod.U, mod.V2, mod.U2):
+            assert lnn.is_k_major(p) and p.t().is_contiguous(), p.stride()
+    for name, t in (("V", pair.V), ("U", pair.U), ("V2", pair.V2), ("U2", pair.U2)):
+        assert torch.equal(getattr(copied, name), t) and copied.state_dict()[name].shape == t.shape
+    x = torch.randn(3, 40, dtype=torch.float64)
+    ref = lowrank_linear_reference(x, *(t.double() for t in (pair.V, pair.U, copied.bias, pair.V2, pair.U2)))
+    torch.testing.assert_close(copied.double()(x), ref)
+    # still a trainable parameter in that layout: one optimizer step keeps it k-major and changes it
+    copied = copied.float()
+    opt = torch.optim.Adam(copied.parameters(), lr=1e-2)
+    copied(torch.randn(4, 40)).square().sum().backward()
+    before = copied.V.detach().clone()
+    opt.step()
+    assert lnn.is_k_major(copied.V) and not torch.equal(copied.V, before)
+    # a checkpoint written and loaded back: k-major, bit-exact values
+    from ._tiny import tiny_checkpoint
+    model, path, result = tiny_checkpoint(tmp_path / "ck")
+    loaded, _ = lrinfer.load_checkpoint(path)
+    for name in result.ranks:
+        a, b = model.get_submodule(name), loaded.get_submodule(name)
+        assert lnn.is_k_major(b.V) and lnn.is_k_major(b.U) and torch.equal(a.V, b.V) and torch.equal(a.U, b.U)
+
+
+def test_a_move_to_a_pad_device_makes_k_major_factors_row_major(monkeypatch):
+    m = lnn.LowRankLinear.from_factors(_pair(32, 24, 16, 0))
+    assert lnn.is_k_major(m.V) and not m.V.is_contiguous()
+    monkeypatch.setattr(lnn, "PAD_DEVICE_TYPES", {"cuda", "cpu"})
+    m = m.to(torch.float64)   # the kernels read rows along k: row-major again, aligned k not widened
+    assert m.V.is_contiguous() and m.U.is_contiguous() and lnn.kernel_view(m.V).shape == (32, 16)
 
 
 def test_a_slice_of_a_wider_tensor_is_padded_not_widened(pad_on_cpu):

@@ -14,6 +14,7 @@ import functools
 import logging
 
 import torch
+import torch.nn.functional as F
 from torch.utils import _python_dispatch
 
 from . import configs
@@ -68,13 +69,12 @@ def validate_operands(x, V, U, bias, V2, U2):
 
 
 def lowrank_linear_reference(x, V, U, bias=None, V2=None, U2=None):
-    """Torch math: y = (x V) Uᵀ [+ (x V2) U2ᵀ] + bias.  x [..., in], V [in, k], U [out, k]."""
-    y = (x @ V) @ U.t()
-    if V2 is not None:
-        y = y + (x @ V2) @ U2.t()
-    if bias is not None:
-        y = y + bias
-    return y
+    """Torch math: y = (x V) Uᵀ [+ (x V2) U2ᵀ] + bias.  x [..., in], V [in, k], U [out, k].
+
+    `F.linear` applies Uᵀ and the bias in one call, with no transposed view built per call (this is
+    the CPU's decode path, where each µs of a call counts 210 times a token on SmolLM2)."""
+    y = F.linear(x @ V, U, bias)
+    return y if V2 is None else y + F.linear(x @ V2, U2)
 
 
 MIN_CAPABILITY = (8, 0)  # the kernels' tl.dot tiles and bf16 need Ampere or newer
