@@ -36,7 +36,7 @@ def test_eager_call_skips_the_op_dispatch():
         m(x)
     assert any("lrinfer.lowrank_linear" in s for s in seen)
     from lrinfer.runtime.kernels import ops
-    assert not ops._needs_op(x)   # plain eager: no op dispatch
+    assert not ops.needs_registered_op(x)   # plain eager: no op dispatch
 
 
 def test_compile_traces_the_op():
@@ -59,6 +59,8 @@ def test_checks_survive_the_fast_path():
         m(torch.randn(2, 15))
     with pytest.raises(ValueError, match="dtype"):
         m(torch.randn(2, 16, dtype=torch.float64))
+    with pytest.raises(ValueError, match="V is on cpu but x is on meta"):
+        m(torch.randn(2, 16, device="meta"))
     m.double()   # `.to()` re-checks and the call follows the new dtype
     assert m(torch.randn(2, 16, dtype=torch.float64)).dtype == torch.float64
     m.U = torch.nn.Parameter(torch.randn(24, 5, dtype=torch.float64))   # a new factor is checked again

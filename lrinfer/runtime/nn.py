@@ -8,7 +8,7 @@ from torch import nn
 
 from lrinfer.factors import FactorPair
 from lrinfer.runtime.kernels.configs import RANK_ALIGN, aligned_rank as _aligned
-from lrinfer.runtime.kernels.ops import validate_operands, lowrank_forward
+from lrinfer.runtime.kernels.ops import needs_registered_op, lowrank_forward, lowrank_linear_reference, validate_operands
 
 PAD_DEVICE_TYPES = {"cuda"}  # devices whose factors get zero-padded row-major storage (the kernels run there)
 K_MAJOR_DEVICE_TYPES = {"cpu"}  # devices whose factors are stored k-major (see `k_major`)
@@ -97,7 +97,8 @@ class LowRankLinear(nn.Module):
     V [in, k], U [out, k]; the optional residual pair V2 [in, k2], U2 [out, k2] (ResSVD).
     The forward computes `torch.ops.lrinfer.lowrank_linear` (Triton on CUDA, torch elsewhere); the
     factors are checked against each other once, not on every call (again after `.to()` or a new
-    parameter), and each call only compares x's width, dtype and device with V's.
+    parameter); a kernel or traced call compares x's width, dtype and device with V's, and the CPU's
+    eager call leaves that to torch's math, naming the mismatch only when that math refuses x.
 
     Ranks the kernels cannot load with 16-byte rows (k not a multiple of `RANK_ALIGN`: checkpoints
     written with rank_multiple 8, ResSVD's two ranks) are padded at load: on CUDA each factor is
@@ -165,12 +166,20 @@ class LowRankLinear(nn.Module):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         p = self._parameters   # dict reads, not nn.Module.__getattr__: a decode step makes hundreds of calls
         V, U, bias, V2, U2 = p["V"], p["U"], p.get("bias"), p.get("V2"), p.get("U2")
-        if not self._checked or x.shape[-1] != V.shape[0] or x.dtype is not V.dtype or x.device != V.device:
+        if not self._checked:
             validate_operands(x, V, U, bias, V2, U2)   # raises, naming the mismatch
             self._checked = True
-        if x.is_cuda and not (torch.is_grad_enabled() and V.requires_grad):  # kernels: padded views
-            return lowrank_forward(x, kernel_view(V), kernel_view(U), bias, kernel_view(V2), kernel_view(U2))
-        return lowrank_forward(x, V, U, bias, V2, U2)
+        if x.is_cuda or needs_registered_op(x):
+            if x.shape[-1] != V.shape[0] or x.dtype is not V.dtype or x.device != V.device:
+                validate_operands(x, V, U, bias, V2, U2)
+            if x.is_cuda and not (torch.is_grad_enabled() and V.requires_grad):  # kernels: padded views
+                return lowrank_forward(x, kernel_view(V), kernel_view(U), bias, kernel_view(V2), kernel_view(U2))
+            return lowrank_forward(x, V, U, bias, V2, U2)
+        try:   # the CPU's eager call: torch's math refuses a mismatched x itself, validate_operands says why
+            return lowrank_linear_reference(x, V, U, bias, V2, U2)
+        except RuntimeError:
+            validate_operands(x, V, U, bias, V2, U2)
+            raise
 
     def __setattr__(self, name, value):
         if name in ("V", "U", "V2", "U2", "bias"):

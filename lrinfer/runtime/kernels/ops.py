@@ -193,7 +193,7 @@ def _backward(ctx, g):
 _lowrank_linear_op.register_autograd(_backward, setup_context=_setup_context)
 
 
-def _needs_op(x: torch.Tensor) -> bool:
+def needs_registered_op(x: torch.Tensor) -> bool:
     """True when something is tracing or capturing, so the call must go through the registered op:
     torch.compile / export, a tensor subclass (fake, functional), an active dispatch mode, or CUDA-graph
     capture. Otherwise the eager call skips the custom-op dispatch, which costs about as much as the
@@ -205,7 +205,7 @@ def _needs_op(x: torch.Tensor) -> bool:
 
 def lowrank_forward(x, V, U, bias=None, V2=None, U2=None):
     """`lowrank_linear` without the argument checks, for callers that validated once (`LowRankLinear`)."""
-    if _needs_op(x):
+    if needs_registered_op(x):
         return torch.ops.lrinfer.lowrank_linear(x, V, U, bias, V2, U2)
     if use_triton(x):
         if torch.is_grad_enabled() and (x.requires_grad or V.requires_grad or U.requires_grad):
