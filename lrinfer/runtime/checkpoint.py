@@ -30,10 +30,10 @@ MANIFEST = "lrinfer.json"
 WEIGHTS = "model.safetensors"
 FORMAT_VERSION = 1
 QUANT_METHOD = "lrinfer"
-# How the factors of a compressed linear are stored (every version so far; a residual pair likewise).
-# Storing V as [k, in] (an nn.Linear weight) was measured against it for SmolLM2 decode on one CPU
-# thread and gained nothing outside the noise (docs/results.md), and the GPU kernels' 16-byte loads
-# read V's rows along k; a new layout would be a new format version and a new entry here.
+# How the factors of a compressed linear are stored in the file (every version so far; a residual pair
+# likewise): the GPU kernels' 16-byte loads read rows along k. The CPU decodes faster with both factors
+# k-major; `load_checkpoint` rewrites them so in the file's memory as it loads (docs/results.md,
+# "Which layout of the factors"). A new file layout would be a new format version and a new entry here.
 LAYOUT = "V[in,k] U[out,k]"
 LAYOUTS = (LAYOUT,)
 _MANIFEST_FIELDS = ("format_version", "base_model", "method", "ratio", "ranks", "layout", "dtype")
