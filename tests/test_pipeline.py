@@ -108,3 +108,15 @@ def test_other_architectures_compress(arch, calib_ids):
     kinds = {n.rsplit(".", 1)[-1] for n in result.ranks}
     assert kinds == {"q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"}
     assert torch.isfinite(model(calib_ids[:1]).logits).all()
+
+
+def test_compress_refuses_a_device_the_model_is_not_on():
+    """`device` must name where the model's blocks run (same type; same index when both give one)."""
+    from ._tiny import tiny_llama
+    ids = torch.randint(0, 100, (2, 16))
+    with pytest.raises(lrinfer.LrinferError, match="blocks run on cpu, not meta; move the model"):
+        lrinfer.compress(tiny_llama(), lrinfer.CompressConfig(method="svd", ratio=0.3), ids, device="meta",
+                         progress=False)
+    result = lrinfer.compress(tiny_llama(), lrinfer.CompressConfig(method="svd", ratio=0.3), ids, device="cpu",
+                              progress=False)
+    assert result.ranks

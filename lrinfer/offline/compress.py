@@ -127,8 +127,8 @@ def compress(model: nn.Module, config: CompressConfig, calib_ids: torch.Tensor, 
                            "statistics), so it cannot stream one block at a time; load the model whole "
                            "(lrinfer compress --no-stream, or load_model(..., stream=False))")
     asked = torch.device(device) if device is not None else source.device
-    if asked.type != source.device.type or None not in (asked.index, source.device.index) \
-            and asked.index != source.device.index:
+    both_indexed = asked.index is not None and source.device.index is not None   # "cuda" matches any cuda:N
+    if asked.type != source.device.type or (both_indexed and asked.index != source.device.index):
         raise LrinferError(f"compress: the model's blocks run on {source.device}, not {device}; move the model "
                            "there (or load it there), or leave device unset")
     device = source.device
