@@ -68,7 +68,7 @@ def test_dtype_and_device_map(compressed, device_map):
 
 class DenseAllocations(TorchDispatchMode):
     """Records every real (non-meta) tensor an aten op allocates (views, in-place results are not) whose
-    shape is one of `shapes`. `factors_of(model)` drops those that became a loaded factor's storage:
+    shape is one of `shapes`. `not_factors_of(model)` drops those that became a loaded factor's storage:
     on the CPU a factor V [in, k] is stored as a contiguous [k, in], which may share a dense shape."""
 
     def __init__(self, shapes):

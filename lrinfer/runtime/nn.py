@@ -8,7 +8,8 @@ from torch import nn
 
 from lrinfer.factors import FactorPair
 from lrinfer.runtime.kernels.configs import RANK_ALIGN, aligned_rank as _aligned
-from lrinfer.runtime.kernels.ops import needs_registered_op, lowrank_forward, lowrank_linear_reference, validate_operands
+from lrinfer.runtime.kernels.ops import (lowrank_forward, lowrank_linear_reference, needs_registered_op,
+                                         validate_operands)
 
 PAD_DEVICE_TYPES = {"cuda"}  # devices whose factors get zero-padded row-major storage (the kernels run there)
 K_MAJOR_DEVICE_TYPES = {"cpu"}  # devices whose factors are stored k-major (see `k_major`)
@@ -85,6 +86,13 @@ def _stored(p: nn.Parameter | None, copied: bool) -> nn.Parameter | None:
     return p
 
 
+def _empty_factor(rows: int, k: int, kw: dict) -> nn.Parameter:
+    """An uninitialised factor [rows, k] already in its device's layout (k-major on the CPU), so that
+    setting it copies nothing."""
+    t = torch.empty(rows, k, **kw)
+    return nn.Parameter(t.new_empty(k, rows).t() if t.device.type in K_MAJOR_DEVICE_TYPES else t)
+
+
 def kernel_view(p: torch.Tensor | None) -> torch.Tensor | None:
     """p [rows, k] widened to [rows, aligned(k)] over its zero padding when it has one, else p."""
     if p is None or p.shape[1] % RANK_ALIGN == 0 or not _is_padded(p):   # aligned ranks: no stride reads
@@ -121,10 +129,9 @@ class LowRankLinear(nn.Module):
         super().__init__()
         kw = {"device": device, "dtype": dtype}
         self.in_features, self.out_features = in_features, out_features
-        empty = lambda rows, k: nn.Parameter(torch.empty(k, rows, **kw).t())  # noqa: E731  (k-major, as on the CPU)
-        self.V, self.U = empty(in_features, rank), empty(out_features, rank)
+        self.V, self.U = _empty_factor(in_features, rank, kw), _empty_factor(out_features, rank, kw)
         if rank2:
-            self.V2, self.U2 = empty(in_features, rank2), empty(out_features, rank2)
+            self.V2, self.U2 = _empty_factor(in_features, rank2, kw), _empty_factor(out_features, rank2, kw)
         else:
             self.register_parameter("V2", None)
             self.register_parameter("U2", None)
@@ -191,7 +198,8 @@ class LowRankLinear(nn.Module):
 
     def _apply(self, fn, recurse=True):
         self._checked = False
-        before = {n: p.untyped_storage().data_ptr() for n, p in self._parameters.items() if n in _FACTORS and p is not None}
+        before = {n: p.untyped_storage().data_ptr() for n, p in self._parameters.items()
+                  if n in _FACTORS and p is not None}
         out = super()._apply(fn, recurse)
         for name, ptr in before.items():  # a move or dtype change that built new storage gets its device's layout
             p = self._parameters[name]
