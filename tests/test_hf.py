@@ -16,7 +16,7 @@ import lrinfer
 import lrinfer.runtime.checkpoint
 import lrinfer.runtime.hf
 from lrinfer.runtime.checkpoint import MANIFEST, WEIGHTS
-from lrinfer.runtime.nn import LowRankLinear, lowrank_modules
+from lrinfer.runtime.nn import LowRankLinear, is_k_major, lowrank_modules
 
 from ._tiny import tiny_checkpoint, tiny_llama
 
@@ -52,6 +52,12 @@ def test_from_pretrained_gives_identical_logits(compressed):
         m = loaded.get_submodule(name)
         assert (m.rank, m.rank2) == (r1, r2)
     assert loaded.config.quantization_config.ranks == result.ranks
+    # the CPU's layout, as `load_checkpoint` gives it (`k_major_factors_`), exact values
+    for name in result.ranks:
+        a, b = model.get_submodule(name), loaded.get_submodule(name)
+        for n in ("V", "U", "V2", "U2"):
+            if getattr(a, n) is not None:
+                assert is_k_major(getattr(b, n)) and torch.equal(getattr(a, n), getattr(b, n)), (name, n)
     assert torch.equal(_logits(loaded, IDS), _logits(model, IDS))
 
 

@@ -107,6 +107,40 @@ def test_cpu_factors_are_k_major_wherever_lrinfer_lays_them_out(tmp_path):
         assert lnn.is_k_major(b.V) and lnn.is_k_major(b.U) and torch.equal(a.V, b.V) and torch.equal(a.U, b.U)
 
 
+def test_loaded_factors_become_k_major_in_their_own_memory_unless_shared():
+    """`k_major_factors_` rewrites each assigned row-major factor that alone owns its storage in that
+    storage (no second copy), same values; a factor sharing its storage (V and V2 cut from one tensor,
+    one parameter in two modules) is kept as given, since rewriting it would scramble the other."""
+    g = torch.Generator().manual_seed(torch.seed() % 2**31)
+    i, o, k, k2 = 40, 56, 21, 5
+    own = {n: torch.randn(r, c, generator=g) for n, (r, c) in
+           {"V": (i, k), "U": (o, k), "V2": (i, k2), "U2": (o, k2), "bias": (o, 1)}.items()}
+    own["bias"] = own["bias"][:, 0].contiguous()
+    a = lnn.LowRankLinear(i, o, k, k2, bias=True, device="meta")
+    a.load_state_dict({n: t.clone() for n, t in own.items()}, assign=True)
+    VV = torch.randn(i, k + k2, generator=g)   # V and V2 side by side in one storage
+    b = lnn.LowRankLinear(i, o, k, k2, device="meta")
+    b.load_state_dict({"V": VV[:, :k], "V2": VV[:, k:], "U": own["U"].clone(), "U2": own["U2"].clone()},
+                      assign=True)
+    c = lnn.LowRankLinear(i, o, k, device="meta")
+    c.load_state_dict({"V": own["V"].clone(), "U": own["U"].clone()}, assign=True)
+    d = lnn.LowRankLinear(i, o, k, device="meta")
+    d.V, d.U = c.V, torch.nn.Parameter(own["U"].clone())   # c.V is d.V: two users
+    model = torch.nn.ModuleDict({"a": a, "b": b, "c": c, "d": d})
+    x = torch.randn(3, i, generator=g)
+    before = {n: m(x) for n, m in model.items()}
+    ptrs = {(n, f): getattr(m, f).data_ptr() for n, m in model.items() for f in ("V", "U")}
+    assert lnn.k_major_factors_(model) == 4 + 2 + 1 + 1   # a: all four; b: U, U2; c and d: U (V shared)
+    for f in ("V", "U", "V2", "U2"):
+        assert lnn.is_k_major(getattr(a, f)) and torch.equal(getattr(a, f), own[f])
+    assert all(getattr(m, f).data_ptr() == ptrs[n, f] for n, m in model.items() for f in ("V", "U"))  # in place
+    assert b.V.stride() == b.V2.stride() == (k + k2, 1) and torch.equal(b.V, VV[:, :k]) and lnn.is_k_major(b.U)
+    assert c.V is d.V and c.V.is_contiguous() and lnn.is_k_major(c.U) and lnn.is_k_major(d.U)
+    for n, m in model.items():
+        torch.testing.assert_close(m(x), before[n])
+    assert lnn.k_major_factors_(model) == 0
+
+
 def test_a_move_to_a_pad_device_makes_k_major_factors_row_major(monkeypatch):
     m = lnn.LowRankLinear.from_factors(_pair(32, 24, 16, 0))
     assert lnn.is_k_major(m.V) and not m.V.is_contiguous()

@@ -504,10 +504,10 @@ def load_checkpoint(path: str | os.PathLike, device: str = "cpu", dtype: torch.d
         raise CheckpointError(f"{path / WEIGHTS}: not a valid safetensors file ({_one_line(e)}); "
                               "pickled checkpoints are never loaded") from None
     _check_tensors(path, model, tensors, manifest)
-    from .nn import LowRankLinear, k_major_
-    for k in [k for k in tensors if tensors[k].dim() == 2 and isinstance(_owner(model, k), LowRankLinear)]:
-        tensors[k] = k_major_(tensors[k])   # the CPU's layout, in the file's memory (the peak: one factor more)
+    from .nn import k_major_factors_
     model.load_state_dict(tensors, strict=False, assign=True)
+    del tensors
+    k_major_factors_(model)   # the CPU's layout, in the file's memory (the peak: one factor more)
     model.tie_weights()
     empty = [k for k, v in model.state_dict(keep_vars=True).items() if v.device.type == "meta"]
     if empty:   # an alias in the manifest named a tensor the model does not tie

@@ -32,6 +32,7 @@ from transformers.utils.quantization_config import QuantizationConfigMixin
 from lrinfer.errors import CheckpointError
 from . import checkpoint
 from .checkpoint import MANIFEST, QUANT_METHOD, WEIGHTS, CheckpointSpec, read_manifest, skeleton, verify_files
+from .nn import k_major_factors_
 
 log = logging.getLogger(__name__)
 
@@ -86,6 +87,8 @@ class LrinferHfQuantizer(HfQuantizer):
         return skeleton(model, spec, "quantization_config")
 
     def _process_model_after_weight_loading(self, model, **kwargs):
+        """The CPU factors laid out k-major in the loaded tensors' own memory (`k_major_factors_`)."""
+        k_major_factors_(model)
         _install_save_hook(model)
         return model
 

@@ -1,6 +1,7 @@
 """`LowRankLinear` and module swapping (`patch` / `unpatch`)."""
 from __future__ import annotations
 
+from collections import Counter
 from typing import Mapping
 
 import torch
@@ -117,9 +118,9 @@ class LowRankLinear(nn.Module):
     pair, e.g. 4096→11008 at k = 1784: 15104 × 8 × 2 B = 242 KB (0.45% of its 53.9 MB).
     On the CPU the factors are stored k-major instead (`k_major`: each the transpose of a contiguous
     [k, rows]), the layout its BLAS reads fastest at decode: as built here, as `load_checkpoint`
-    loads them, and after a move or dtype change; a parameter assigned directly (e.g. by
-    `from_pretrained`, a view of the memory-mapped file) is kept as given. Either way the values,
-    shapes and state dict are the same.
+    loads them, after `from_pretrained` (`k_major_factors_`, in the loaded tensors' own memory), and
+    after a move or dtype change; any other parameter assigned directly is kept as given. Either way the
+    values, shapes and state dict are the same.
     """
 
     _checked = False   # the factors' shapes, dtypes and devices agree (see `forward`)
@@ -255,3 +256,25 @@ def unpatch(model: nn.Module, replaced: Mapping[str, nn.Module]) -> None:
 def lowrank_modules(model: nn.Module) -> dict[str, LowRankLinear]:
     """All `LowRankLinear` modules of `model`, by qualified name."""
     return {n: m for n, m in model.named_modules() if isinstance(m, LowRankLinear)}
+
+
+def k_major_factors_(model: nn.Module) -> int:
+    """Rewrite, each in its own memory (`k_major_`), the row-major CPU factors that a loader assigned to
+    `model`'s `LowRankLinear` modules (a safetensors file's tensors, a dtype conversion's copies), so they
+    decode in the CPU's layout with no second resident copy. Only a factor that is its storage's only
+    tensor (offset 0, the whole storage, no other parameter on it) is rewritten; any other is kept as
+    given. Call it before anything else holds the loaded tensors. Returns how many were rewritten."""
+    users = Counter(p.untyped_storage().data_ptr() for _, p in model.named_parameters(remove_duplicate=False))
+    done = 0
+    for m in lowrank_modules(model).values():
+        for name in _FACTORS:
+            p = m._parameters.get(name)
+            if (p is None or p.dim() != 2 or p.device.type not in K_MAJOR_DEVICE_TYPES or is_k_major(p)
+                    or not p.is_contiguous() or p.storage_offset() != 0
+                    or p.untyped_storage().nbytes() != p.numel() * p.element_size()
+                    or users[p.untyped_storage().data_ptr()] != 1):
+                continue
+            with torch.no_grad():
+                setattr(m, name, nn.Parameter(k_major_(p.data), requires_grad=p.requires_grad))
+            done += 1
+    return done
