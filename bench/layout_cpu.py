@@ -13,10 +13,13 @@ through all of them per step (weights stream from memory, as in decode), each fa
 row-major or k-major, all four combinations through the library's math (`lowrank_linear_reference`,
 so only the strides differ). Checkpoints: dense SmolLM2 and every checkpoint twice, as loaded
 (k-major) and with its factors made row-major, one `lrinfer bench` run (128-token prompt, 64 decode
-steps, static cache) of each in turn, the order reversed every repeat. --parts: dense, each checkpoint
-as loaded, and dense with every decoder linear replaced by a stub that returns a preallocated output
-(the rest of the step: attention, norms, embeddings, the head); prints the linears' share of the step
-and the step speed-up the checkpoint would reach if its linears ran at the bytes' ratio. Prints only.
+steps, static cache) of each in turn, the order reversed every repeat. --parts: dense and each
+checkpoint as loaded, the time spent inside each decoder linear's forward measured in the step itself
+(wall clock around each call, decode rows only), so the rest of the step (attention, norms, embeddings,
+the 49152-row head) is what remains; prints the linears' speed-up and the step speed-up the checkpoint
+would reach if its linears ran at the bytes' ratio. (Replacing the linears by stubs instead undercounts
+the rest: without the linears' 400 MB streaming through the cache each step, the head stays cached.)
+Prints only.
 """
 import argparse
 import statistics
@@ -84,48 +87,68 @@ def checkpoints(dirs, repeats: int) -> dict:
     return _alternate({k: (lambda r=r: r.run()[3] / r.new_tokens * 1e3) for k, r in runners.items()}, repeats)
 
 
-class _Stub(torch.nn.Module):
-    """A linear that costs nothing: returns a preallocated zero output of the right shape."""
-    def __init__(self, out_features: int):
-        super().__init__()
-        self.out_features, self.outs = out_features, {}
-
-    def forward(self, x):
-        shape = (*x.shape[:-1], self.out_features)
-        if shape not in self.outs:
-            self.outs[shape] = x.new_zeros(shape)
-        return self.outs[shape]
-
-
 def parts(dirs, repeats: int) -> None:
     from lrinfer.evaluation.benchmark import Runner
     from lrinfer.runtime.models import load_model
     from lrinfer.runtime.nn import LowRankLinear
 
-    def linear_bytes(model):
-        return sum(p.numel() * p.element_size() for m in model.model.layers.modules()
-                   if isinstance(m, (torch.nn.Linear, LowRankLinear)) for p in m.parameters())
+    def decoder_linears(model):   # {qualified name: module}
+        return {n: m for n, m in model.model.layers.named_modules()
+                if isinstance(m, (torch.nn.Linear, LowRankLinear))}
+
+    spent = {}   # {(model, projection): wall seconds inside those forwards at decode (one row)}
+
+    def timed(module, key):
+        forward = module.forward
+
+        def timed_forward(x):
+            t = time.perf_counter()
+            y = forward(x)
+            if x.shape[-2] == 1:   # decode steps only, not the prompt
+                spent[key] += time.perf_counter() - t
+            return y
+        module.forward = timed_forward
 
     models = {"dense": load_model("smollm2", torch.float32, "cpu")[0]}
-    stub = load_model("smollm2", torch.float32, "cpu")[0]
-    for name, m in list(stub.model.layers.named_modules()):
-        if isinstance(m, torch.nn.Linear):
-            parent, _, child = name.rpartition(".")
-            setattr(stub.model.layers.get_submodule(parent), child, _Stub(m.out_features))
-    models["without linears"] = stub
     models.update({d: load_model(d, torch.float32, "cpu")[0] for d in dirs})
+    nbytes = {}   # {(model, projection): bytes of those linears' parameters}
+    for k, model in models.items():
+        for name, m in decoder_linears(model).items():
+            key = (k, name.rpartition(".")[2])
+            spent[key] = 0.0
+            nbytes[key] = nbytes.get(key, 0) + sum(p.numel() * p.element_size() for p in m.parameters())
+            timed(m, key)
     runners = {k: Runner(m, 1, 128, 64) for k, m in models.items()}
     for r in runners.values():
         r.warm_up()
-    times = _alternate({k: (lambda r=r: r.run()[3] / r.new_tokens * 1e3) for k, r in runners.items()}, repeats)
-    med = {k: statistics.median(v) for k, v in times.items()}
-    rest, dense = med["without linears"], med["dense"]
-    print(f"{'dense':28s} {dense:7.2f} CPU ms per step; linears {dense - rest:.2f}, the rest {rest:.2f}")
+    by_kind = {key: [] for key in spent}
+
+    def step(k):
+        for key in spent:
+            spent[key] = 0.0
+        r = runners[k]
+        cpu = r.run()[3] / r.new_tokens * 1e3
+        for key in spent:
+            if key[0] == k:
+                by_kind[key].append(spent[key] / r.new_tokens)
+        return cpu, sum(v for key, v in spent.items() if key[0] == k) / r.new_tokens * 1e3
+
+    times = _alternate({k: (lambda k=k: step(k)) for k in runners}, repeats)
+    med = {k: (statistics.median(t[0] for t in v), statistics.median(t[1] for t in v)) for k, v in times.items()}
+    (dense, dense_lin), total_bytes = med["dense"], {k: sum(v for key, v in nbytes.items() if key[0] == k)
+                                                     for k in models}
+    print(f"{'dense':28s} {dense:7.2f} CPU ms per step; decoder linears {dense_lin:.2f}, "
+          f"the rest {dense - dense_lin:.2f}")
     for d in dirs:
-        lin, ideal = med[d] - rest, linear_bytes(models["dense"]) / linear_bytes(models[d])
-        print(f"{d:28s} {med[d]:7.2f} CPU ms per step ({dense / med[d]:.3f}x); linears {lin:.2f} "
-              f"({(dense - rest) / lin:.3f}x dense's, bytes allow {ideal:.3f}x); at the bytes' ratio the step "
-              f"would be {dense / (rest + (dense - rest) / ideal):.3f}x")
+        total, lin = med[d]
+        ideal = total_bytes["dense"] / total_bytes[d]
+        print(f"{d:28s} {total:7.2f} CPU ms per step ({dense / total:.3f}x); decoder linears {lin:.2f} "
+              f"({dense_lin / lin:.3f}x dense's, bytes allow {ideal:.3f}x), the rest {total - lin:.2f}; at the "
+              f"bytes' ratio the step would be {dense / (dense - dense_lin + dense_lin / ideal):.3f}x")
+    print("streaming rate per projection, GB/s (its parameters' bytes over the median time inside its forwards):")
+    for k in models:
+        print(f"  {k:26s} " + "  ".join(f"{key[1]} {nbytes[key] / statistics.median(v) / 1e9:.1f}"
+                                         for key, v in by_kind.items() if key[0] == k))
 
 
 def main(argv=None) -> None:
@@ -134,7 +157,8 @@ def main(argv=None) -> None:
     ap.add_argument("--linears", action="store_true", help="the 210 linears alone, random weights")
     ap.add_argument("--ratios", type=float, nargs="+", default=[0.2, 0.4])
     ap.add_argument("--repeats", type=int, default=9)
-    ap.add_argument("--parts", action="store_true", help="the step without its decoder linears, beside each checkpoint")
+    ap.add_argument("--parts", action="store_true",
+                    help="the time inside the decoder linears, beside the rest of each step")
     args = ap.parse_args(argv)
     torch.set_num_threads(1)
     if args.parts:

@@ -32,7 +32,7 @@ FORMAT_VERSION = 1
 QUANT_METHOD = "lrinfer"
 # How the factors of a compressed linear are stored in the file (every version so far; a residual pair
 # likewise): the GPU kernels' 16-byte loads read rows along k. The CPU decodes faster with both factors
-# k-major; `load_checkpoint` rewrites them so in the file's memory as it loads (docs/results.md,
+# k-major; both loaders rewrite them so in the loaded tensors' memory (`nn.k_major_factors_`; docs/results.md,
 # "Which layout of the factors"). A new file layout would be a new format version and a new entry here.
 LAYOUT = "V[in,k] U[out,k]"
 LAYOUTS = (LAYOUT,)
