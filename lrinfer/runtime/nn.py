@@ -90,8 +90,9 @@ def _stored(p: nn.Parameter | None, copied: bool) -> nn.Parameter | None:
 def _empty_factor(rows: int, k: int, kw: dict) -> nn.Parameter:
     """An uninitialised factor [rows, k] already in its device's layout (k-major on the CPU), so that
     setting it copies nothing."""
-    t = torch.empty(rows, k, **kw)
-    return nn.Parameter(t.new_empty(k, rows).t() if t.device.type in K_MAJOR_DEVICE_TYPES else t)
+    device = torch.empty(0, device=kw.get("device")).device   # None: the default device
+    return nn.Parameter(torch.empty(k, rows, **kw).t() if device.type in K_MAJOR_DEVICE_TYPES
+                        else torch.empty(rows, k, **kw))
 
 
 def kernel_view(p: torch.Tensor | None) -> torch.Tensor | None:
